@@ -1,0 +1,197 @@
+"""Artifacts on disk: manifests, content hashes and atomic writes.
+
+Every stage writes one folder holding its files and a ``manifest.json`` (format version, stage,
+model identity, config, seed, library versions, hashes of the inputs it was made from and of the
+files it wrote). The next stage checks the manifest before it trusts the folder. Folders are
+written under a temporary sibling name and renamed into place only when complete, so a failed or
+interrupted stage never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from adm_export import __version__
+from adm_export.errors import ArtifactNotFoundError, ManifestMismatchError, OutputExistsError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_VERSIONED_PACKAGES = (
+    "torch", "diffusers", "transformers", "nvidia-modelopt", "onnx", "onnxruntime",
+    "onnxruntime-gpu", "tensorrt", "tensorrt-rtx-cu13-bindings", "numpy",
+)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of this package and of the libraries that shape its artifacts."""
+    versions = {"adm-export": __version__}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's content."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(data: Any) -> str:
+    """Hex SHA-256 of canonical JSON (sorted keys), for configs."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, stage: str, model: dict, config: Any, inputs: dict | None = None,
+                   extra: dict | None = None) -> dict:
+    """Write ``folder/manifest.json`` describing a finished stage.
+
+    Args:
+        folder: The artifact folder (its files are hashed).
+        stage: Stage name (``calibration``, ``quantized``, ``onnx``, ``engine``).
+        model: Model identity from :meth:`ModelAdapter.identity` (id, family, fingerprint).
+        config: The stage's config as plain data.
+        inputs: Hashes of the artifacts this one was made from, by stage name.
+        extra: Stage-specific summary (shapes, statistics, parity).
+
+    Returns:
+        The manifest as written.
+    """
+    files = {
+        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": model,
+        "config": config,
+        "inputs": inputs or {},
+        "versions": library_versions(),
+        "files": files,
+        **(extra or {}),
+    }
+    write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def manifest_digest(manifest: dict) -> str:
+    """A short identity of an artifact: the hash of its files' hashes and its config."""
+    return sha256_json({"files": manifest.get("files"), "config": manifest.get("config")})[:16]
+
+
+def read_manifest(folder: str | os.PathLike, stage: str, flag: str) -> dict:
+    """Read and validate the manifest of a stage's artifact folder.
+
+    Args:
+        folder: The artifact folder.
+        stage: The stage that must have written it.
+        flag: The CLI flag that names this folder, for error messages.
+
+    Raises:
+        ArtifactNotFoundError: The folder or its manifest is missing.
+        ManifestMismatchError: The folder belongs to another stage or format version, or a file
+            listed in the manifest is missing or changed.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ArtifactNotFoundError(
+            f"{flag} {str(folder)!r} is not a {stage} artifact (no {MANIFEST}); "
+            f"run the {stage} stage first or point {flag} at its output folder"
+        )
+    manifest = json.loads(path.read_text())
+    if manifest.get("stage") != stage:
+        raise ManifestMismatchError(
+            f"{flag} {str(folder)!r} holds a {manifest.get('stage')!r} artifact, expected {stage!r}"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestMismatchError(
+            f"{flag} {str(folder)!r} has format version {manifest.get('format_version')}, this "
+            f"adm-export reads version {FORMAT_VERSION}; re-run the {stage} stage"
+        )
+    for name, info in manifest.get("files", {}).items():
+        f = folder / name
+        if not f.is_file() or f.stat().st_size != info["bytes"]:
+            raise ManifestMismatchError(
+                f"{flag} {str(folder)!r}: file {name!r} is missing or changed since the manifest "
+                f"was written; re-run the {stage} stage"
+            )
+    return manifest
+
+
+def check_same_model(manifest: dict, model: dict, flag: str) -> None:
+    """Refuse an artifact made from another model than ``model`` (by id and weight fingerprint)."""
+    theirs = manifest.get("model", {})
+    for key in ("id", "fingerprint"):
+        if theirs.get(key) != model.get(key):
+            raise ManifestMismatchError(
+                f"{flag} was made from model {theirs.get('id')!r} (fingerprint "
+                f"{str(theirs.get('fingerprint'))[:12]}), not {model.get('id')!r} (fingerprint "
+                f"{str(model.get('fingerprint'))[:12]}); pass --model {theirs.get('id')} or re-run "
+                f"the earlier stage for this model"
+            )
+
+
+def prepare_out_dir(out: Path, force: bool) -> None:
+    """Refuse a non-empty output folder unless ``force`` (then its content is removed)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise OutputExistsError(
+                f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
+            )
+        shutil.rmtree(out)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that is renamed to ``final`` only if the block succeeds.
+
+    Args:
+        final: Where the finished folder goes.
+        force: Replace an existing non-empty ``final``; otherwise refuse it.
+    """
+    final = Path(final)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())) and not force:
+        raise OutputExistsError(
+            f"{str(final)!r} already exists and is not empty; pass --force to overwrite it"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(final) if final.is_dir() else final.unlink()
+    os.replace(tmp, final)

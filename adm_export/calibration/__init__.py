@@ -1,0 +1,1 @@
+"""Calibration: prompt sets, sampler trajectories, selection of calibration points, the cache."""

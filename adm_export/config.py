@@ -1,0 +1,247 @@
+"""Configuration as frozen dataclasses, one per stage, and the enums that feed ``click.Choice``.
+
+The CLI builds these objects and passes them to one library function; library functions never
+take long lists of keyword arguments. Every config is JSON-serialisable through
+:func:`to_dict` so that it can be written into an artifact manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import Any
+
+from adm_export.errors import InvalidInputError
+
+DEFAULT_MODEL = "tiny-audioldm"
+
+
+class Precision(str, enum.Enum):
+    """Quantization presets (``--precision``)."""
+
+    INT8 = "int8"
+    FP8 = "fp8"
+    W4A8 = "w4a8"
+    MIXED = "mixed"
+
+
+class EngineBackend(str, enum.Enum):
+    """Engine backends (``--engine``)."""
+
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+    TENSORRT_RTX = "tensorrt-rtx"
+    NONE = "none"
+
+
+class SelectMethod(str, enum.Enum):
+    """How calibration points (prompt, step) are chosen from the recorded trajectories."""
+
+    UNIFORM = "uniform"
+    RANDOM = "random"
+    NORMAL = "normal"
+    ALL = "all"
+    ACTIVATION = "activation"
+
+
+class Placement(str, enum.Enum):
+    """Where Q/DQ pairs go in the exported graph, chosen per serving target.
+
+    ``tensorrt``: Q/DQ on the inputs and weights of each quantized op (TensorRT fuses them).
+    ``onnxruntime``: additionally quantize each quantized op's output (DQ -> op -> Q) because
+    ONNX Runtime only runs an integer kernel when the output is quantized too.
+    """
+
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+
+
+def parse_enum(enum_cls: type[enum.Enum], value: Any, flag: str) -> enum.Enum:
+    """Convert ``value`` to ``enum_cls`` or raise a one-line user error naming the flag."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(m.value for m in enum_cls)
+        raise InvalidInputError(f"invalid {flag} {value!r}: choose one of {choices}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    """Settings of the ``calibrate`` stage.
+
+    Attributes:
+        model: Hub id, local diffusers folder, or embedded name.
+        captions_file: One caption per line; ``None`` uses the built-in captions.
+        num_prompts: Number of prompts the sampler is run on.
+        steps: Sampler steps per prompt (DDIM).
+        points: Number of calibration points (prompt, step) kept in the cache.
+        select: How the points are selected.
+        audio_seconds: Length of the generated audio; sets the latent length.
+        guidance_scale: Classifier-free guidance scale, as the pipeline uses it.
+        seed: Seed of prompts, initial noise and selection.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    model: str = DEFAULT_MODEL
+    captions_file: str | None = None
+    num_prompts: int = 8
+    steps: int = 10
+    points: int = 16
+    select: SelectMethod = SelectMethod.UNIFORM
+    audio_seconds: float = 2.56
+    guidance_scale: float = 2.5
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self):
+        object.__setattr__(self, "select", parse_enum(SelectMethod, self.select, "--select"))
+        _positive("--num-prompts", self.num_prompts)
+        _positive("--steps", self.steps)
+        _positive("--points", self.points)
+        if self.audio_seconds <= 0:
+            raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
+        _check_device(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of the ``quantize`` stage.
+
+    Attributes:
+        precision: Quantization preset.
+        size_budget: For ``mixed``: exported U-Net weight bytes at most this fraction of FP32.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    precision: Precision = Precision.INT8
+    size_budget: float | None = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "--precision"))
+        if self.size_budget is not None and not 0 < self.size_budget <= 1:
+            raise InvalidInputError(
+                f"invalid --size-budget {self.size_budget!r}: give a fraction of the FP32 size in (0, 1]"
+            )
+        _check_device(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Settings of the ``export`` stage.
+
+    Attributes:
+        opset: ONNX opset (INT8 Q/DQ needs >= 13; per-channel weights with axis >= 13).
+        placement: Q/DQ placement for the serving target.
+        parity_points: Number of cached inputs on which ONNX Runtime is compared with torch.
+    """
+
+    opset: int = 17
+    placement: Placement = Placement.ONNXRUNTIME
+    parity_points: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
+        if self.opset < 13:
+            raise InvalidInputError(f"invalid --opset {self.opset}: Q/DQ export needs opset >= 13")
+        _positive("--parity-points", self.parity_points)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Settings of the ``engine`` stage.
+
+    Attributes:
+        backend: Which engine to build.
+        device: Where the ONNX Runtime session runs (``cpu`` or ``cuda``).
+        threads: ONNX Runtime intra-op threads; 0 lets it choose.
+    """
+
+    backend: EngineBackend = EngineBackend.ONNXRUNTIME
+    device: str = "cpu"
+    threads: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "backend", parse_enum(EngineBackend, self.backend, "--engine"))
+        _check_device(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Settings of the ``eval`` stage.
+
+    Attributes:
+        num_clips: Clips generated by the baseline and by the engine (same prompts and seeds).
+        steps: Sampler steps per clip.
+        audio_seconds: Clip length.
+        guidance_scale: Classifier-free guidance scale.
+        max_fd_increase: Gate threshold: FD(quantized, baseline) as a percentage of the FD of two
+            independent baseline draws (see ``eval.harness``); ``None`` disables the gate.
+        embedder: Embedder name (``logmel`` is weight-free and always available).
+        reference_dir: Optional folder of reference WAV files for ``fd_baseline_vs_ref``.
+        seed: Seed of prompts and initial noise.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    num_clips: int = 8
+    steps: int = 10
+    audio_seconds: float = 2.56
+    guidance_scale: float = 2.5
+    max_fd_increase: float | None = 50.0
+    embedder: str = "logmel"
+    reference_dir: str | None = None
+    seed: int = 1234
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.num_clips < 2:
+            raise InvalidInputError(f"invalid --num-clips {self.num_clips}: FD needs at least 2 clips")
+        _positive("--steps", self.steps)
+        if self.max_fd_increase is not None and self.max_fd_increase < 0:
+            raise InvalidInputError(f"invalid --max-fd-increase {self.max_fd_increase}: must be >= 0")
+        _check_device(self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """Settings of ``adm-export build``: every stage's config plus the output folder."""
+
+    out: Path
+    calibration: CalibrationConfig = CalibrationConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    export: ExportConfig = ExportConfig()
+    engine: EngineConfig = EngineConfig()
+    eval: EvalConfig | None = EvalConfig()
+    force: bool = False
+
+    @property
+    def model(self) -> str:
+        return self.calibration.model
+
+
+def to_dict(cfg: Any) -> Any:
+    """Turn a config (dataclasses, enums, paths, nested) into plain JSON-serialisable data."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, Path):
+        return str(cfg)
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")

@@ -1,0 +1,103 @@
+"""Model loading: embedded names, local diffusers folders and hub ids, each to its family's adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from adm_export.errors import ModelNotFoundError
+from adm_export.models.base import DenoiserSpec, ModelAdapter, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+# diffusers pipeline class name -> adapter family
+_PIPELINE_FAMILIES = {"AudioLDMPipeline": "audioldm"}
+
+
+def _adapter_class(family: str) -> type[ModelAdapter]:
+    if family == "audioldm":
+        from adm_export.models.audioldm import AudioLDMAdapter
+
+        return AudioLDMAdapter
+    raise ModelNotFoundError(f"model family {family!r} is not supported yet; supported: audioldm")
+
+
+def embedded_names() -> list[str]:
+    from adm_export.models.embedded import EMBEDDED
+
+    return sorted(EMBEDDED)
+
+
+def load_model(model_id: str, device: str = "cpu", revision: str | None = None) -> ModelAdapter:
+    """Load a model by embedded name, local diffusers folder or hub id.
+
+    Args:
+        model_id: ``tiny-audioldm`` (embedded), a folder written by ``save_pretrained``, or a hub
+            id such as ``cvssp/audioldm-s-full-v2``.
+        device: ``cpu`` or ``cuda``.
+        revision: Hub revision (branch, tag or commit).
+
+    Returns:
+        The family's adapter around the loaded pipeline (float32).
+
+    Raises:
+        ModelNotFoundError: Unknown name, a folder that is not a supported diffusers pipeline, or
+            a hub id that cannot be reached.
+    """
+    from adm_export.models.embedded import EMBEDDED
+
+    if model_id in EMBEDDED:
+        family, build = EMBEDDED[model_id]
+        pipeline = build()
+    else:
+        family, pipeline = _load_pretrained(model_id, revision)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to(device)
+    return _adapter_class(family)(model_id, pipeline, revision)
+
+
+def _load_pretrained(model_id: str, revision: str | None):
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    path = Path(model_id)
+    if path.exists():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(
+                f"--model {model_id!r} is a local path but not a diffusers pipeline folder (no "
+                f"model_index.json); save one with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
+            )
+        class_name = json.loads(index.read_text()).get("_class_name")
+    else:
+        class_name = None
+    if class_name is not None and class_name not in _PIPELINE_FAMILIES:
+        raise ModelNotFoundError(
+            f"--model {model_id!r} holds a {class_name}, which adm-export does not support; "
+            f"supported pipelines: {', '.join(_PIPELINE_FAMILIES)}"
+        )
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(model_id, revision=revision)
+    except Exception as exc:  # hub errors come as OSError, HTTP errors or ValueError
+        hint = "" if path.exists() else (
+            " (not an embedded name, not a local folder, and the hub could not be reached or has no such repo)"
+        )
+        raise ModelNotFoundError(
+            f"could not load --model {model_id!r}{hint}: {str(exc).splitlines()[0][:200]}; pass a "
+            f"local diffusers folder or an embedded model ({', '.join(embedded_names())})"
+        ) from exc
+    finally:
+        dlogging.set_verbosity(verbosity)
+    family = _PIPELINE_FAMILIES.get(type(pipeline).__name__)
+    if family is None:
+        raise ModelNotFoundError(
+            f"--model {model_id!r} is a {type(pipeline).__name__}, which adm-export does not support; "
+            f"supported pipelines: {', '.join(_PIPELINE_FAMILIES)}"
+        )
+    return family, pipeline
+
+
+__all__ = ["DenoiserSpec", "ModelAdapter", "TensorSpec", "embedded_names", "load_model"]

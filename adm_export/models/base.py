@@ -1,0 +1,192 @@
+"""The model-adapter interface every model family implements.
+
+An adapter owns a loaded pipeline and knows four things about it: which module is the denoiser,
+what the denoiser's inputs are (names, shapes, dynamic axes: :class:`DenoiserSpec`), how to turn
+the pipeline's own call of the denoiser into those named inputs and back, and how to run the
+sampler. Every stage works through this interface only, so a new family is one new adapter.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import hashlib
+from typing import Any, Callable, Iterator, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of the denoiser.
+
+    Attributes:
+        name: ONNX / engine binding name.
+        shape: Dimensions; an ``int`` is fixed, a ``str`` names a dynamic axis
+            (``batch``, ``frames``).
+        dtype: numpy dtype name.
+    """
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserSpec:
+    """Export spec of a denoiser: ONNX axes and TensorRT profiles both come from here.
+
+    Attributes:
+        inputs: Inputs in call order.
+        outputs: Outputs.
+        latent_frames_per_second: Latent frames per second of audio (AudioLDM: 25).
+        frame_multiple: Latent lengths must be a multiple of this (the U-Net downsamples).
+        parity_rel_l2: Tolerance of ONNX Runtime vs torch for the *unquantized* graph.
+    """
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    latent_frames_per_second: float
+    frame_multiple: int
+    parity_rel_l2: float = 1e-4
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """``torch.onnx.export``'s ``dynamic_axes`` for every named dynamic dimension."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            for t in (*self.inputs, *self.outputs)
+            if any(isinstance(d, str) for d in t.shape)
+        }
+
+    def concrete_shape(self, name: str, dims: dict[str, int]) -> tuple[int, ...]:
+        """Shape of input ``name`` with dynamic axes replaced by ``dims`` (e.g. batch, frames)."""
+        spec = next(t for t in (*self.inputs, *self.outputs) if t.name == name)
+        return tuple(dims[d] if isinstance(d, str) else d for d in spec.shape)
+
+    def frames_for_seconds(self, seconds: float) -> int:
+        """Latent frames for ``seconds`` of audio, rounded up to the frame multiple."""
+        frames = int(round(seconds * self.latent_frames_per_second))
+        m = self.frame_multiple
+        return max(m, -(-frames // m) * m)
+
+    def dummy_inputs(self, batch: int, frames: int, seed: int = 0) -> dict[str, Any]:
+        """Random inputs of the given batch and latent length, for export and profiling."""
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        dims = {"batch": batch, "frames": frames}
+        out = {}
+        for t in self.inputs:
+            shape = self.concrete_shape(t.name, dims)
+            if t.name == "timestep":
+                out[t.name] = torch.randint(1, 1000, shape, generator=g).float()
+            else:
+                out[t.name] = torch.randn(shape, generator=g)
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ModelAdapter(abc.ABC):
+    """Base class of the model-family adapters.
+
+    Attributes:
+        model_id: What the user passed as ``--model``.
+        pipeline: The loaded diffusers pipeline.
+        family: Family name (``audioldm``, ...).
+    """
+
+    family: str = ""
+
+    def __init__(self, model_id: str, pipeline: Any, revision: str | None = None):
+        self.model_id = model_id
+        self.pipeline = pipeline
+        self.revision = revision
+        self._fingerprint: str | None = None
+
+    # -- the denoiser -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def denoiser(self):
+        """The denoiser module (a ``torch.nn.Module``) that is quantized and exported."""
+
+    @abc.abstractmethod
+    def denoiser_spec(self) -> DenoiserSpec:
+        """The denoiser's export spec."""
+
+    @abc.abstractmethod
+    def inputs_from_call(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Named denoiser inputs (spec order) from the pipeline's call ``denoiser(*args, **kwargs)``."""
+
+    @abc.abstractmethod
+    def export_module(self, denoiser=None):
+        """A module whose ``forward`` takes the spec's inputs positionally and returns the output tensor."""
+
+    @abc.abstractmethod
+    def wrap_output(self, output):
+        """Turn an output tensor into what the pipeline expects from its denoiser."""
+
+    @abc.abstractmethod
+    def set_denoiser(self, module) -> None:
+        """Replace the pipeline's denoiser by ``module`` (a quantized model or an engine)."""
+
+    # -- sampling -------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def sampling_rate(self) -> int:
+        """Sampling rate of the generated audio."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, audio_seconds: float,
+                 guidance_scale: float) -> list:
+        """Run the sampler: one waveform (numpy float32) per prompt, each from its own seed."""
+
+    # -- identity -------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Hash of the denoiser's config and weights: artifacts are bound to it."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            config = getattr(self.denoiser, "config", None)
+            # Keys starting with "_" (name or path, library version) change on save/load, not the model.
+            items = sorted((k, v) for k, v in dict(config or {}).items() if not k.startswith("_"))
+            h.update(repr([(k, list(v) if isinstance(v, tuple) else v) for k, v in items]).encode())
+            for name, tensor in sorted(self.denoiser.state_dict().items()):
+                h.update(name.encode())
+                h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def identity(self) -> dict:
+        """Model identity written into every manifest."""
+        return {
+            "id": self.model_id,
+            "family": self.family,
+            "revision": self.revision,
+            "fingerprint": self.fingerprint(),
+        }
+
+    def denoiser_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.denoiser.parameters())
+
+    @contextlib.contextmanager
+    def record_denoiser_calls(self, callback: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+        """Call ``callback(named_inputs)`` before every denoiser call of the sampler."""
+
+        def hook(module, args, kwargs):
+            callback(self.inputs_from_call(args, kwargs))
+
+        handle = self.denoiser.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def using_denoiser(self, module) -> Iterator[None]:
+        """Temporarily swap the denoiser (e.g. to run the quantized model or an engine)."""
+        original = self.denoiser
+        self.set_denoiser(module)
+        try:
+            yield
+        finally:
+            self.set_denoiser(original)
