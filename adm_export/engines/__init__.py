@@ -1,0 +1,1 @@
+"""Inference engines built from the exported ONNX denoiser: TensorRT, TensorRT-RTX, ONNX Runtime."""
