@@ -57,6 +57,16 @@ class Placement(str, enum.Enum):
     ONNXRUNTIME = "onnxruntime"
 
 
+def _positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")
+
+
 def parse_enum(enum_cls: type[enum.Enum], value: Any, flag: str) -> enum.Enum:
     """Convert ``value`` to ``enum_cls`` or raise a one-line user error naming the flag."""
     if isinstance(value, enum_cls):
@@ -140,7 +150,7 @@ class ExportConfig:
     """
 
     opset: int = 17
-    placement: Placement = Placement.ONNXRUNTIME
+    placement: Placement = Placement.TENSORRT
     parity_points: int = 4
 
     def __post_init__(self):
@@ -210,11 +220,11 @@ class BuildConfig:
     """Settings of ``adm-export build``: every stage's config plus the output folder."""
 
     out: Path
-    calibration: CalibrationConfig = CalibrationConfig()
-    quantize: QuantizeConfig = QuantizeConfig()
-    export: ExportConfig = ExportConfig()
-    engine: EngineConfig = EngineConfig()
-    eval: EvalConfig | None = EvalConfig()
+    calibration: CalibrationConfig = dataclasses.field(default_factory=CalibrationConfig)
+    quantize: QuantizeConfig = dataclasses.field(default_factory=QuantizeConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    eval: EvalConfig | None = dataclasses.field(default_factory=EvalConfig)
     force: bool = False
 
     @property
@@ -235,13 +245,3 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, dict):
         return {k: to_dict(v) for k, v in cfg.items()}
     return cfg
-
-
-def _positive(flag: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
-
-
-def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda"):
-        raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")

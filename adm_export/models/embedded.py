@@ -45,8 +45,8 @@ def audioldm_s_unet_config() -> dict:
 
 
 def tiny_unet_config() -> dict:
-    """U-Net config of ``tiny-audioldm``: AudioLDM's structure at widths 32/64/64."""
-    widths = (32, 64, 64)
+    """U-Net config of ``tiny-audioldm``: AudioLDM-S's structure (2 layers per block, head dim 32) at widths 64/128/128."""
+    widths = (64, 128, 128)
     return dict(
         sample_size=64,
         in_channels=8,
@@ -54,10 +54,13 @@ def tiny_unet_config() -> dict:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=widths,
-        layers_per_block=1,
-        norm_num_groups=16,
+        layers_per_block=2,
+        norm_num_groups=32,
         cross_attention_dim=widths,
-        attention_head_dim=(2, 2, 2),
+        attention_head_dim=tuple(w // 32 for w in widths),
+        # AudioLDM uses 4 x the first width (256 here); half of that keeps the FiLM conditioning
+        # but stops the per-resnet time projections (kept in FP16) from being 20% of a tiny U-Net.
+        time_embedding_dim=128,
         class_embed_type="simple_projection",
         projection_class_embeddings_input_dim=32,
         class_embeddings_concat=True,

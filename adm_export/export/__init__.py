@@ -1,0 +1,1 @@
+"""Quantization (ModelOpt) and ONNX export of the denoiser."""

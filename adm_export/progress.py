@@ -1,0 +1,54 @@
+"""Progress bars and stage timing shared by every stage.
+
+Bars are tqdm bars on stderr, switched off with ``--no-progress`` (CLI) or the environment
+variable ``ADM_EXPORT_NO_PROGRESS=1`` (CI logs), and always off when stderr is not a terminal
+unless forced on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+_enabled: bool | None = None
+
+
+def set_progress(enabled: bool | None) -> None:
+    """Force progress bars on or off; ``None`` restores the automatic choice."""
+    global _enabled
+    _enabled = enabled
+
+
+def progress_enabled() -> bool:
+    if _enabled is not None:
+        return _enabled
+    if os.environ.get("ADM_EXPORT_NO_PROGRESS", "") not in ("", "0"):
+        return False
+    return sys.stderr.isatty()
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    """Wrap a loop in a tqdm bar when progress is enabled."""
+    if not progress_enabled():
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    yield from tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def timed_stage(name: str, logger: logging.Logger, timings: dict | None = None) -> Iterator[None]:
+    """Log a stage's start and finish with its duration; store seconds in ``timings[name]``."""
+    logger.info("%s: started", name)
+    start = time.perf_counter()
+    yield
+    seconds = time.perf_counter() - start
+    if timings is not None:
+        timings[name] = round(seconds, 3)
+    logger.info("%s: finished in %.1f s", name, seconds)
