@@ -1,0 +1,1 @@
+"""Evaluation: embedders, Fréchet distance and its companions (KL, IS), harness and report."""
