@@ -93,6 +93,7 @@ class CalibrationConfig:
         guidance_scale: Classifier-free guidance scale, as the pipeline uses it.
         seed: Seed of prompts, initial noise and selection.
         device: ``cpu`` or ``cuda``.
+        augment: Expand the captions by coverage-driven augmentation (``False``: captions as given).
     """
 
     model: str = DEFAULT_MODEL
@@ -105,6 +106,7 @@ class CalibrationConfig:
     guidance_scale: float = 2.5
     seed: int = 0
     device: str = "cpu"
+    augment: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "select", parse_enum(SelectMethod, self.select, "--select"))

@@ -95,7 +95,10 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
 
     # 1. Model and prompts.
     adapter = adapter or load_model(cfg.model, cfg.device)
-    prompt_set = build_prompt_set(cfg.captions_file, cfg.num_prompts, cfg.seed)
+    # Seeds and augmented prompts compete for the N slots (seeds_first=False): at small N that
+    # covers far more (aspect, value) pairs than the seed captions alone (README, calibration).
+    prompt_set = build_prompt_set(cfg.captions_file, cfg.num_prompts, cfg.seed, augment=cfg.augment,
+                                  seeds_first=False)
     prompts = list(prompt_set.prompts)
     if cfg.select == SelectMethod.ACTIVATION:
         raise InvalidInputError(

@@ -67,10 +67,12 @@ def tiny_unet_config() -> dict:
     )
 
 
-def build_byte_tokenizer(model_max_length: int = 77):
+def build_byte_tokenizer(model_max_length: int = 256):
     """A RoBERTa-style byte-level BPE tokenizer with no merges, built locally (no download).
 
     Every printable ASCII character is its own token, so any caption tokenizes deterministically.
+    CLAP's 77 BPE tokens hold about 77 words; at one token per character the tiny model needs
+    256 tokens to see a whole augmented caption.
     """
     from transformers import RobertaTokenizer
 

@@ -1,0 +1,81 @@
+"""``adm-export build``: every stage in order, each writing its artifact under the output folder."""
+
+from __future__ import annotations
+
+import logging
+
+from adm_export.artifacts import prepare_out_dir
+from adm_export.config import BuildConfig
+from adm_export.progress import timed_stage
+
+logger = logging.getLogger(__name__)
+
+
+def validate(cfg: BuildConfig) -> None:
+    """Check the settings that only a later stage would otherwise reject."""
+    from adm_export.config import EngineBackend, Placement
+    from adm_export.errors import InvalidInputError
+    from adm_export.export import recipes
+
+    recipes.quant_config(cfg.quantize.precision)
+    if cfg.export.placement != Placement.TENSORRT:
+        raise InvalidInputError(
+            f"--placement {cfg.export.placement.value!r} is not available in this version; use --placement tensorrt"
+        )
+    if cfg.engine.backend in (EngineBackend.TENSORRT, EngineBackend.TENSORRT_RTX):
+        from adm_export.engines.tensorrt import import_nvinfer
+
+        import_nvinfer(cfg.engine.backend.value)
+    if cfg.eval is not None:
+        from adm_export.eval.embedders import get_embedder
+
+        get_embedder(cfg.eval.embedder, device=cfg.eval.device)
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Run calibrate -> quantize -> export -> engine -> eval and write the report.
+
+    Args:
+        cfg: Build settings (output folder and every stage's config).
+
+    Returns:
+        The report (also written to ``out/report.json`` and ``out/report.md``).
+    """
+    from adm_export.calibration.latents import calibrate
+    from adm_export.engines.stage import build_engines
+    from adm_export.eval.harness import evaluate
+    from adm_export.eval.report import make_report, write_report
+    from adm_export.export.onnx import export_onnx
+    from adm_export.export.quantize import quantize
+    from adm_export.models import load_model
+
+    out = cfg.out
+    # 0. Refuse what would fail later (an unavailable preset or engine, a non-empty output
+    #    folder) before any work, so a bad call costs seconds and leaves nothing behind.
+    validate(cfg)
+    prepare_out_dir(out, cfg.force)
+    timings: dict[str, float] = {}
+    with timed_stage("load model", logger, timings):
+        adapter = load_model(cfg.model, cfg.calibration.device)
+    # 1. Calibration cache.
+    with timed_stage("calibrate", logger, timings):
+        calib = calibrate(cfg.calibration, out / "calibration", adapter=adapter)
+    # 2. Quantized model (a copy; the adapter keeps its full-precision denoiser for eval).
+    with timed_stage("quantize", logger, timings):
+        quant = quantize(cfg.quantize, out / "calibration", out / "quantized", adapter=adapter)
+    # 3. ONNX with Q/DQ and integer weights.
+    with timed_stage("export", logger, timings):
+        onnx_manifest = export_onnx(cfg.export, out / "quantized", out / "onnx", out / "calibration", adapter=adapter)
+    # 4. Engines.
+    frames = adapter.denoiser_spec().frames_for_seconds(cfg.calibration.audio_seconds)
+    with timed_stage("engine", logger, timings):
+        engine = build_engines(cfg.engine, out / "onnx", out / "engines", adapter=adapter, frames=frames)
+    # 5. Evaluation against the full-precision baseline.
+    result = None
+    if cfg.eval is not None and cfg.engine.backend.value != "none":
+        with timed_stage("eval", logger, timings):
+            result = evaluate(cfg.eval, out / "engines", out / "eval", adapter=adapter)
+    report = make_report(adapter.identity(), cfg.quantize.precision.value, cfg.calibration.device, timings,
+                         onnx_manifest, engine, result, quant, calib)
+    write_report(out, report)
+    return report

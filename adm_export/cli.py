@@ -1,0 +1,383 @@
+"""The ``adm-export`` command line: a thin click layer over the library.
+
+Each command parses its options, builds a frozen config and calls one library function. User
+errors (:class:`~adm_export.errors.AdmExportError`) become one line on stderr and exit code 1; a
+failed quality gate exits with 2. Heavy imports happen inside the commands, so ``--help`` is fast
+and works without torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from adm_export import __version__
+from adm_export.config import DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
+from adm_export.errors import AdmExportError
+
+logger = logging.getLogger("adm_export")
+
+EXIT_GATE_FAILED = 2
+
+
+def _choices(enum_cls) -> click.Choice:
+    return click.Choice([m.value for m in enum_cls])
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("adm_export")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    # Libraries' own chatter (deprecations, untested-version warnings) is not for our users.
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*not tested with current version of modelopt.*")
+    for name in ("diffusers", "transformers", "modelopt", "torch.onnx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def handle_errors(func):
+    """Turn user errors into one line and exit code 1 (bugs keep their traceback)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except AdmExportError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+class AdmGroup(click.Group):
+    """Click group whose usage errors (bad option values) exit with 1, not click's 2.
+
+    Exit code 2 is reserved for a failed quality gate, so that CI can tell "the engine got worse"
+    from "the command was called wrongly".
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
+                              **extra)
+        except click.exceptions.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+            click.echo(f"error: {exc.format_message()}{hint}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        if isinstance(rv, int) and standalone_mode:
+            sys.exit(rv)
+        return rv
+
+
+@click.group(cls=AdmGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adm-export")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bars (default: on when stderr is a terminal; ADM_EXPORT_NO_PROGRESS=1 turns them off).")
+def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
+    """Quantize text-to-audio diffusion models (PTQ4ADM) and build deployable engines.
+
+    `adm-export build` runs every stage; each stage is also its own command and reads the
+    previous stage's folder.
+    """
+    from adm_export.progress import set_progress
+
+    _setup_logging(verbose, quiet)
+    set_progress(progress)
+
+
+# -- shared options --------------------------------------------------------------------------------
+def model_option(default=DEFAULT_MODEL):
+    return click.option("--model", "-m", default=default, show_default=bool(default),
+                        help="Embedded name (tiny-audioldm), local diffusers folder, or hub id.")
+
+
+def calibration_options(f):
+    opts = [
+        click.option("--captions", type=click.Path(dir_okay=False), default=None,
+                     help="Seed captions, one per line (default: built-in AudioCaps-style captions)."),
+        click.option("--num-prompts", type=int, default=8, show_default=True, help="Prompts the sampler runs on."),
+        click.option("--augment/--no-augment", default=True, show_default=True,
+                     help="Coverage-driven prompt augmentation of the captions."),
+        click.option("--steps", type=int, default=10, show_default=True, help="Sampler (DDIM) steps."),
+        click.option("--points", type=int, default=16, show_default=True, help="Calibration points kept (budget K)."),
+        click.option("--select", type=_choices(SelectMethod), default=SelectMethod.UNIFORM.value, show_default=True,
+                     help="How calibration points are chosen."),
+        click.option("--seconds", type=float, default=2.56, show_default=True, help="Audio length of calibration runs."),
+        click.option("--guidance-scale", type=float, default=2.5, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def eval_options(f):
+    opts = [
+        click.option("--num-clips", type=int, default=8, show_default=True, help="Clips per run (baseline, engine)."),
+        click.option("--eval-steps", type=int, default=10, show_default=True, help="Sampler steps per clip."),
+        click.option("--eval-seconds", type=float, default=2.56, show_default=True, help="Clip length."),
+        click.option("--max-fd-increase", type=float, default=50.0, show_default=True,
+                     help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
+        click.option("--embedder", default="logmel", show_default=True,
+                     help="Embedding for FD: logmel (weight-free), panns-cnn14, vggish, clap."),
+        click.option("--reference", type=click.Path(file_okay=False), default=None,
+                     help="Folder of reference clips (default: a second baseline draw with other seeds)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale,
+                        seed, device):
+    from adm_export.config import CalibrationConfig
+
+    return CalibrationConfig(model=model, captions_file=captions, num_prompts=num_prompts, steps=steps,
+                             points=points, select=select, audio_seconds=seconds, guidance_scale=guidance_scale,
+                             seed=seed, device=device, augment=augment)
+
+
+def _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, reference, device, seed=1234,
+                 guidance_scale=2.5):
+    from adm_export.config import EvalConfig
+
+    return EvalConfig(num_clips=num_clips, steps=eval_steps, audio_seconds=eval_seconds,
+                      max_fd_increase=max_fd_increase, embedder=embedder, reference_dir=reference, device=device,
+                      seed=seed, guidance_scale=guidance_scale)
+
+
+def _summary(report: dict) -> None:
+    size, parity, ev = report["size"], report["parity"], report["eval"]
+    click.echo(f"model {report['model']['id']} · precision {report['precision']}")
+    if size.get("unet_export_bytes"):
+        click.echo(f"U-Net: {size['unet_export_bytes'] / 1e6:.2f} MB exported = {100 * size['reduction_vs_fp32']:.1f}% "
+                   f"of FP32 ({size['unet_fp32_bytes'] / 1e6:.2f} MB)")
+    if parity.get("onnx_vs_torch_rel_l2") is not None:
+        click.echo(f"parity ONNX Runtime vs torch: {parity['onnx_vs_torch_mean_rel_l2']:.2e} mean "
+                   f"(rounding floor {parity['rounding_floor_mean_rel_l2']:.2e}); quantization error "
+                   f"{parity['quant_error_mean_rel_l2']:.2e}")
+    for name, stage in report["stages"].items():
+        click.echo(f"  {name:<12} {stage['seconds']:7.1f} s")
+    gate = ev.get("gate") or {}
+    if gate.get("passed") is None:
+        click.echo("quality gate: not run")
+    else:
+        click.echo(f"quality gate: {'PASSED' if gate['passed'] else 'FAILED'} (FD increase "
+                   f"{ev['fd_increase_pct']:.1f}%, threshold {gate['threshold']}%)")
+
+
+# -- build ------------------------------------------------------------------------------------------
+@cli.command()
+@model_option()
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("build/adm-export"),
+              show_default=True, help="Output folder.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
+@click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
+@click.option("--size-budget", type=float, default=None, help="For --precision mixed: fraction of the FP32 size.")
+@click.option("--engine", "engine", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value,
+              show_default=True, help="Engine to build (ONNX Runtime is always built unless 'none').")
+@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Evaluate against the baseline.")
+@calibration_options
+@eval_options
+@handle_errors
+def build(model, out, force, precision, size_budget, engine, run_eval, captions, num_prompts, augment, steps, points,
+          select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase,
+          embedder, reference):
+    """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
+    from adm_export.build import build as run_build
+    from adm_export.config import BuildConfig, EngineConfig, QuantizeConfig
+
+    cfg = BuildConfig(
+        out=out,
+        calibration=_calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds,
+                                        guidance_scale, seed, device),
+        quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device),
+        engine=EngineConfig(backend=engine, device=device),
+        eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, reference, device)
+        if run_eval else None,
+        force=force,
+    )
+    # Refuse a bad output folder and validate every config before any stage starts.
+    report = run_build(cfg)
+    _summary(report)
+    click.echo(f"report: {out / 'report.md'}")
+    if report["eval"]["gate"]["passed"] is False:
+        sys.exit(EXIT_GATE_FAILED)
+
+
+# -- one command per stage ------------------------------------------------------------------------
+@cli.command()
+@model_option()
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
+@calibration_options
+@handle_errors
+def calibrate(model, out, force, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale, seed,
+              device):
+    """Run the sampler on the prompt set and write the calibration cache."""
+    from adm_export.calibration.latents import calibrate as run
+
+    cfg = _calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale,
+                              seed, device)
+    manifest = run(cfg, out, force=force)
+    sel = manifest["selection"]
+    click.echo(f"calibration cache: {sel['points']} points ({sel['method']}) from "
+               f"{len(manifest['prompts']['prompts'])} prompts -> {out}")
+
+
+@cli.command()
+@model_option(default=None)
+@click.option("--calibration", "-c", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Calibration cache folder (from `adm-export calibrate`).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+@click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
+@click.option("--size-budget", type=float, default=None)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@handle_errors
+def quantize(model, calibration, out, force, precision, size_budget, device):
+    """Quantize the denoiser with ModelOpt, calibrated on the cache."""
+    from adm_export.config import QuantizeConfig
+    from adm_export.export.quantize import quantize as run
+
+    cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device)
+    manifest = run(cfg, calibration, out, force=force, model_id=model)
+    err = manifest["quant_error_rel_l2"]
+    click.echo(f"quantized ({precision}): {manifest['quantizers']['weight']} layers; error vs full precision "
+               f"mean {err['mean']:.2e}, max {err['max']:.2e} -> {out}")
+
+
+@cli.command("export")
+@click.option("--quantized", "-q", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder from `adm-export quantize`.")
+@click.option("--calibration", "-c", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Calibration cache (parity inputs).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--placement", type=_choices(Placement), default=Placement.TENSORRT.value, show_default=True)
+@click.option("--parity-points", type=int, default=4, show_default=True)
+@handle_errors
+def export_cmd(quantized, calibration, out, force, opset, placement, parity_points):
+    """Export the quantized denoiser to ONNX (Q/DQ, INT8 weights) and check parity in ONNX Runtime."""
+    from adm_export.config import ExportConfig
+    from adm_export.export.onnx import export_onnx
+
+    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points), quantized, out,
+                           calibration, force=force)
+    s, p = manifest["sizes"], manifest["parity"]
+    click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
+               f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "
+               f"{p['quant_error_mean']:.2e}) {'ok' if p['passed'] else 'FAILED'} -> {out}")
+
+
+@cli.command()
+@click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder from `adm-export export`.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+@click.option("--backend", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores).")
+@handle_errors
+def engine(onnx_dir, out, force, backend, device, threads):
+    """Build engines: ONNX Runtime always, TensorRT / TensorRT-RTX when asked or installed."""
+    from adm_export.config import EngineConfig
+    from adm_export.engines.stage import build_engines
+
+    manifest = build_engines(EngineConfig(backend=backend, device=device, threads=threads), onnx_dir, out, force=force)
+    for name, e in manifest["report"]["engines"].items():
+        if e.get("built", True):
+            click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
+        else:
+            click.echo(f"{name}: not built ({e.get('reason')})")
+    click.echo(f"engines -> {out}")
+
+
+@cli.command("eval")
+@model_option(default=None)
+@click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder from `adm-export engine`.")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for eval.json and the clips.")
+@click.option("--force", is_flag=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@eval_options
+@handle_errors
+def eval_cmd(model, engine_dir, out, force, device, seed, num_clips, eval_steps, eval_seconds, max_fd_increase,
+             embedder, reference):
+    """Same prompts and seeds through the full-precision pipeline and the engine; FD and the quality gate."""
+    from adm_export.eval.harness import evaluate
+
+    cfg = _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, reference, device, seed)
+    result = evaluate(cfg, engine_dir, out, force=force, model_id=model)
+    gate = result["gate"]
+    click.echo(f"FD(engine, baseline) {result['fd_quantized_vs_baseline']:.4g}; FD increase "
+               f"{result['fd_increase_pct']:.1f}% vs {result['reference']['kind']} -> gate "
+               f"{'PASSED' if gate['passed'] else 'FAILED'} (threshold {gate['threshold']}%)")
+    if not gate["passed"]:
+        sys.exit(EXIT_GATE_FAILED)
+
+
+@cli.command()
+@model_option()
+@click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Engines folder; without it the full-precision pipeline generates.")
+@click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeatable).")
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
+              help="File with one prompt per line.")
+@click.option("--seconds", type=float, default=2.56, show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True)
+@click.option("--guidance-scale", type=float, default=2.5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@handle_errors
+def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device):
+    """Generate WAV files with the pipeline, its denoiser served by the engine."""
+    from adm_export.serve import GenerateConfig, generate as run
+
+    cfg = GenerateConfig(model=model, engine_dir=str(engine_dir) if engine_dir else None, prompts=tuple(prompts),
+                         prompts_file=prompts_file, audio_seconds=seconds, steps=steps,
+                         guidance_scale=guidance_scale, seed=seed, device=device)
+    files = run(cfg, out, force=force)
+    click.echo(f"{len(files)} clip(s) -> {out}")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@handle_errors
+def inspect(folder):
+    """Show what an artifact folder (or a build's report) holds."""
+    from adm_export.inspect import describe
+
+    click.echo(describe(folder))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="adm-export")
+
+
+if __name__ == "__main__":
+    main()
