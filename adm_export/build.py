@@ -29,7 +29,7 @@ def validate(cfg: BuildConfig) -> None:
     if cfg.eval is not None:
         from adm_export.eval.embedders import get_embedder
 
-        get_embedder(cfg.eval.embedder, device=cfg.eval.device)
+        get_embedder(cfg.eval.embedder, checkpoint=cfg.eval.embedder_checkpoint, device=cfg.eval.device)
 
 
 def build(cfg: BuildConfig) -> dict:

@@ -138,6 +138,8 @@ def eval_options(f):
                      help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
         click.option("--embedder", default="logmel", show_default=True,
                      help="Embedding for FD: logmel (weight-free), panns-cnn14, vggish, clap."),
+        click.option("--embedder-checkpoint", type=click.Path(exists=True), default=None,
+                     help="Weights of the embedder (PANNs/VGGish state dict file, CLAP folder)."),
         click.option("--reference", type=click.Path(file_okay=False), default=None,
                      help="Folder of reference clips (default: a second baseline draw with other seeds)."),
     ]
@@ -155,13 +157,13 @@ def _calibration_config(model, captions, num_prompts, augment, steps, points, se
                              seed=seed, device=device, augment=augment)
 
 
-def _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, reference, device, seed=1234,
-                 guidance_scale=2.5):
+def _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
+                 device, seed=1234, guidance_scale=2.5):
     from adm_export.config import EvalConfig
 
     return EvalConfig(num_clips=num_clips, steps=eval_steps, audio_seconds=eval_seconds,
-                      max_fd_increase=max_fd_increase, embedder=embedder, reference_dir=reference, device=device,
-                      seed=seed, guidance_scale=guidance_scale)
+                      max_fd_increase=max_fd_increase, embedder=embedder, embedder_checkpoint=embedder_checkpoint,
+                      reference_dir=reference, device=device, seed=seed, guidance_scale=guidance_scale)
 
 
 def _summary(report: dict) -> None:
@@ -200,7 +202,7 @@ def _summary(report: dict) -> None:
 @handle_errors
 def build(model, out, force, precision, size_budget, engine, run_eval, captions, num_prompts, augment, steps, points,
           select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase,
-          embedder, reference):
+          embedder, embedder_checkpoint, reference):
     """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
     from adm_export.build import build as run_build
     from adm_export.config import BuildConfig, EngineConfig, QuantizeConfig
@@ -211,7 +213,8 @@ def build(model, out, force, precision, size_budget, engine, run_eval, captions,
                                         guidance_scale, seed, device),
         quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device),
         engine=EngineConfig(backend=engine, device=device),
-        eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, reference, device)
+        eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
+                          reference, device)
         if run_eval else None,
         force=force,
     )
@@ -324,11 +327,12 @@ def engine(onnx_dir, out, force, backend, device, threads):
 @eval_options
 @handle_errors
 def eval_cmd(model, engine_dir, out, force, device, seed, num_clips, eval_steps, eval_seconds, max_fd_increase,
-             embedder, reference):
+             embedder, embedder_checkpoint, reference):
     """Same prompts and seeds through the full-precision pipeline and the engine; FD and the quality gate."""
     from adm_export.eval.harness import evaluate
 
-    cfg = _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, reference, device, seed)
+    cfg = _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
+                       device, seed)
     result = evaluate(cfg, engine_dir, out, force=force, model_id=model)
     gate = result["gate"]
     click.echo(f"FD(engine, baseline) {result['fd_quantized_vs_baseline']:.4g}; FD increase "

@@ -193,6 +193,7 @@ class EvalConfig:
         max_fd_increase: Gate threshold: FD(quantized, baseline) as a percentage of the FD of two
             independent baseline draws (see ``eval.harness``); ``None`` disables the gate.
         embedder: Embedder name (``logmel`` is weight-free and always available).
+        embedder_checkpoint: Weights file or folder of a pretrained embedder.
         reference_dir: Optional folder of reference WAV files for ``fd_baseline_vs_ref``.
         seed: Seed of prompts and initial noise.
         device: ``cpu`` or ``cuda``.
@@ -204,6 +205,7 @@ class EvalConfig:
     guidance_scale: float = 2.5
     max_fd_increase: float | None = 50.0
     embedder: str = "logmel"
+    embedder_checkpoint: str | None = None
     reference_dir: str | None = None
     seed: int = 1234
     device: str = "cpu"

@@ -116,7 +116,7 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     manifest = read_manifest(engine_dir, "engine", "--engine")
     adapter = adapter or load_model(model_id or manifest["model"]["id"], cfg.device)
     denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device)
-    embedder = get_embedder(cfg.embedder, device=cfg.device)
+    embedder = get_embedder(cfg.embedder, checkpoint=cfg.embedder_checkpoint, device=cfg.device)
     prompts = eval_prompts(cfg.num_clips)
     seeds = [cfg.seed + i for i in range(cfg.num_clips)]
 
