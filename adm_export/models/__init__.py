@@ -77,8 +77,13 @@ def _load_pretrained(model_id: str, revision: str | None):
             f"--model {model_id!r} holds a {class_name}, which adm-export does not support; "
             f"supported pipelines: {', '.join(_PIPELINE_FAMILIES)}"
         )
+    from transformers.utils import logging as tlogging
+
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()
+    # Loading bars of diffusers and transformers would interleave with ours (and fill CI logs).
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
     try:
         pipeline = DiffusionPipeline.from_pretrained(model_id, revision=revision)
     except Exception as exc:  # hub errors come as OSError, HTTP errors or ValueError
@@ -91,6 +96,8 @@ def _load_pretrained(model_id: str, revision: str | None):
         ) from exc
     finally:
         dlogging.set_verbosity(verbosity)
+        dlogging.enable_progress_bar()
+        tlogging.enable_progress_bar()
     family = _PIPELINE_FAMILIES.get(type(pipeline).__name__)
     if family is None:
         raise ModelNotFoundError(

@@ -1,0 +1,39 @@
+"""Shared fixtures: one small end-to-end build of the embedded model, made once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("ADM_EXPORT_NO_PROGRESS", "1")
+warnings.filterwarnings("ignore", message=".*not tested with current version of modelopt.*")
+
+# Small but complete: every stage runs, on 1.28 s of audio (32 latent frames), in well under a minute.
+TINY_ARGS = [
+    "--num-prompts", "4", "--steps", "4", "--points", "8", "--seconds", "1.28",
+    "--num-clips", "4", "--eval-steps", "4", "--eval-seconds", "1.28",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tmp_path_factory):
+    """Run ``adm-export build`` on tiny-audioldm through the CLI; returns (out_dir, result, report)."""
+    from click.testing import CliRunner
+
+    from adm_export.cli import cli
+
+    out = tmp_path_factory.mktemp("build") / "demo"
+    result = CliRunner().invoke(cli, ["--quiet", "build", "--out", str(out), *TINY_ARGS])
+    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    return out, result, report
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter():
+    """The embedded model, loaded once (tests must not modify it)."""
+    from adm_export.models import load_model
+
+    return load_model("tiny-audioldm")
