@@ -292,6 +292,28 @@ def export_cmd(quantized, calibration, out, force, opset, placement, parity_poin
                f"{p['quant_error_mean']:.2e}) {'ok' if p['passed'] else 'FAILED'} -> {out}")
 
 
+@cli.command("export-baseline")
+@model_option()
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--force", is_flag=True)
+@click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
+              help="Precision of the unquantized export (fp16: the GPU baseline).")
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where torch traces and the parity check runs.")
+@handle_errors
+def export_baseline(model, out, force, dtype, opset, device):
+    """Export the unquantized denoiser (FP16 or FP32) to ONNX: the baseline engine to serve and race."""
+    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+
+    cfg = FullPrecisionExportConfig(model=model, fp16=dtype == "fp16", opset=opset, device=device)
+    manifest = export_full_precision(cfg, out, force=force)
+    p = manifest["parity"]
+    click.echo(f"unet.onnx ({dtype}): {manifest['sizes']['unet_export_bytes'] / 1e6:.2f} MB; parity "
+               f"{p['onnx_vs_torch_max']:.2e} (tolerance {p['tolerance']:.2e}) {'ok' if p['passed'] else 'FAILED'} "
+               f"-> {out}")
+
+
 @cli.command()
 @click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder from `adm-export export`.")
@@ -356,16 +378,28 @@ def eval_cmd(model, engine_dir, out, force, device, seed, num_clips, eval_steps,
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--force", is_flag=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts per pipeline call.")
+@click.option("--plot", is_flag=True, help="Also write a spectrogram PNG per clip.")
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: all cores).")
+@click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
+              show_default=True, help="ONNX Runtime provider (auto: CUDA with --device cuda, else CPU).")
+@click.option("--io-binding/--no-io-binding", default=True, show_default=True,
+              help="CUDA: bind GPU tensors to the engine (no host copies).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each step as a captured CUDA graph (static shapes).")
+@click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
 @handle_errors
-def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device):
+def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device,
+             batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc):
     """Generate WAV files with the pipeline, its denoiser served by the engine."""
     from adm_export.serve import GenerateConfig, generate as run
 
     cfg = GenerateConfig(model=model, engine_dir=str(engine_dir) if engine_dir else None, prompts=tuple(prompts),
                          prompts_file=prompts_file, audio_seconds=seconds, steps=steps,
-                         guidance_scale=guidance_scale, seed=seed, device=device)
+                         guidance_scale=guidance_scale, seed=seed, device=device, batch_size=batch_size, plot=plot,
+                         threads=threads, ort_provider=ort_provider, io_binding=io_binding, cuda_graph=cuda_graph,
+                         prefer_nhwc=prefer_nhwc)
     files = run(cfg, out, force=force)
-    click.echo(f"{len(files)} clip(s) -> {out}")
+    click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
 
 
 @cli.command()

@@ -1,14 +1,29 @@
-"""``adm-export generate``: prompts -> WAV files, the denoiser served by an engine (or full precision)."""
+"""``adm-export generate``: prompts -> WAV files (and spectrogram PNGs), the denoiser served by an engine.
+
+The model's own diffusers pipeline samples; with ``--engine`` its denoiser is replaced by the
+ONNX Runtime engine of that folder (:func:`adm_export.engines.stage.load_ort_denoiser`), so text
+encoder, sampler, VAE and vocoder are exactly those of the full-precision run. Prompts are
+generated ``batch_size`` at a time; clip ``i`` uses seed ``seed + i`` and its initial noise is
+drawn from that seed alone, so a clip does not depend on the batch it was generated in.
+
+Output folder::
+
+    0000.wav ...        16-bit PCM at the model's sampling rate
+    0000.png ...        log-magnitude spectrogram per clip (``--plot``)
+    prompts.json        file, prompt and seed of each clip
+    generate.json       settings, engine, timings (seconds per clip, denoiser calls)
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_json
-from adm_export.config import DEFAULT_MODEL
-from adm_export.errors import InvalidInputError
+from adm_export.config import DEFAULT_MODEL, to_dict
+from adm_export.errors import ArtifactNotFoundError, InvalidInputError
 from adm_export.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -29,6 +44,13 @@ class GenerateConfig:
         seed: Seed of the first clip (clip i uses seed + i).
         batch_size: Prompts per pipeline call.
         device: ``cpu`` or ``cuda``.
+        plot: Also write a spectrogram PNG per clip.
+        threads: ONNX Runtime CPU threads (0: all cores).
+        ort_provider: ONNX Runtime provider: ``auto`` (CUDA on ``--device cuda``, else CPU),
+            ``cpu``, ``cuda`` or ``tensorrt``.
+        io_binding: On CUDA, bind device tensors to the engine (no host copies).
+        cuda_graph: On CUDA, replay each input shape's step as a captured CUDA graph.
+        prefer_nhwc: On CUDA, let ONNX Runtime use NHWC convolution kernels.
     """
 
     model: str = DEFAULT_MODEL
@@ -41,47 +63,168 @@ class GenerateConfig:
     seed: int = 0
     batch_size: int = 4
     device: str = "cpu"
+    plot: bool = False
+    threads: int = 0
+    ort_provider: str = "auto"
+    io_binding: bool = True
+    cuda_graph: bool = False
+    prefer_nhwc: bool = False
+
+    def __post_init__(self):
+        if self.audio_seconds <= 0:
+            raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
+        for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
+        if self.guidance_scale < 0:
+            raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
+        if self.device not in ("cpu", "cuda"):
+            raise InvalidInputError(f"invalid --device {self.device!r}: choose cpu or cuda")
+        if self.ort_provider not in ("auto", "cpu", "cuda", "tensorrt"):
+            raise InvalidInputError(
+                f"invalid --ort-provider {self.ort_provider!r}: choose auto, cpu, cuda or tensorrt"
+            )
+        if self.device == "cpu" and self.ort_provider in ("cuda", "tensorrt"):
+            raise InvalidInputError(
+                f"--ort-provider {self.ort_provider} needs --device cuda (the pipeline and the engine share the GPU)"
+            )
+        if self.cuda_graph and self.device != "cuda":
+            raise InvalidInputError("--cuda-graph needs --device cuda; drop --cuda-graph to run on the CPU")
+        if self.engine_dir is not None and not Path(self.engine_dir).is_dir():
+            raise ArtifactNotFoundError(
+                f"--engine {self.engine_dir!r} is not a folder; pass the output of `adm-export engine` (or of build: "
+                f"BUILD_DIR/engines)"
+            )
+
+    def ort_options(self):
+        """The ONNX Runtime session settings these options ask for."""
+        from adm_export.engines.onnxruntime import OrtOptions
+
+        provider = self.ort_provider
+        if provider == "auto":
+            provider = "cuda" if self.device == "cuda" else "cpu"
+        return OrtOptions(provider=provider, threads=self.threads, io_binding=self.io_binding,
+                          cuda_graph=self.cuda_graph, prefer_nhwc=self.prefer_nhwc)
 
     def all_prompts(self) -> list[str]:
+        """The prompts: ``--prompt`` values first, then the lines of ``--prompts``."""
         from adm_export.calibration.prompts import load_captions
 
-        prompts = list(self.prompts)
+        prompts = [p.strip() for p in self.prompts]
+        if any(not p for p in prompts):
+            raise InvalidInputError("empty --prompt ''; give some text, e.g. --prompt 'a dog barks'")
         if self.prompts_file:
+            if not Path(self.prompts_file).is_file():
+                raise InvalidInputError(f"--prompts {self.prompts_file!r} is not a file; give a text file, one prompt a line")
             try:
                 prompts += load_captions(self.prompts_file)
             except InvalidInputError as exc:
                 raise InvalidInputError(str(exc).replace("--captions", "--prompts")) from None
         if not prompts:
             raise InvalidInputError("no prompt given; pass --prompt TEXT (repeatable) or --prompts FILE")
-        if self.audio_seconds <= 0:
-            raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
         return prompts
 
 
-def generate(cfg: GenerateConfig, out: str | Path, force: bool = False) -> list[Path]:
-    """Generate one WAV per prompt into ``out`` (plus ``prompts.json`` naming each file's prompt and seed)."""
+def spectrogram_png(wave, sampling_rate: int, path: str | Path, title: str = "") -> None:
+    """Write a log-magnitude spectrogram of ``wave`` as a PNG (matplotlib, Agg backend, no display).
+
+    Args:
+        wave: Mono waveform (float).
+        sampling_rate: Its sampling rate in Hz.
+        path: PNG file to write.
+        title: Plot title (the prompt).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import numpy as np
+    from matplotlib.figure import Figure
+    from scipy.signal import spectrogram
+
+    wave = np.asarray(wave, dtype=np.float64).reshape(-1)
+    nperseg = min(512, max(16, len(wave)))
+    freqs, times, power = spectrogram(wave, fs=sampling_rate, nperseg=nperseg, noverlap=nperseg * 3 // 4)
+    db = 10 * np.log10(power + 1e-12)
+    vmax = float(db.max()) if db.size else 0.0
+    fig = Figure(figsize=(8, 3), dpi=100)  # no pyplot: no global state, safe in threads and tests
+    ax = fig.add_subplot(1, 1, 1)
+    mesh = ax.pcolormesh(times, freqs / 1000, db, shading="auto", cmap="magma", vmin=vmax - 80, vmax=vmax)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("frequency (kHz)")
+    if title:
+        ax.set_title(title if len(title) <= 90 else title[:87] + "...", fontsize=9)
+    fig.colorbar(mesh, ax=ax, label="dB")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+
+
+def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=None) -> list[Path]:
+    """Generate one WAV per prompt into ``out`` (plus ``prompts.json``, ``generate.json`` and, with ``plot``, PNGs).
+
+    Args:
+        cfg: Generation settings.
+        out: Output folder (refused if non-empty unless ``force``).
+        force: Overwrite ``out``.
+        adapter: An already loaded model adapter; loaded from ``cfg.model`` otherwise.
+
+    Returns:
+        The WAV files, in prompt order.
+    """
     import contextlib
 
     from adm_export.engines.stage import load_ort_denoiser
     from adm_export.eval.harness import write_clips
     from adm_export.models import load_model
 
+    # 1. Validate everything that needs no model before loading one.
     prompts = cfg.all_prompts()
-    adapter = load_model(cfg.model, cfg.device)
+    options = cfg.ort_options()
+    if Path(out).exists() and any(Path(out).iterdir()) and not force:
+        from adm_export.errors import OutputExistsError
+
+        raise OutputExistsError(f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder")
+    # 2. The pipeline, its denoiser served by the engine.
+    adapter = adapter or load_model(cfg.model, cfg.device)
     ctx = contextlib.nullcontext()
+    engine_info = None
     if cfg.engine_dir:
-        denoiser, _ = load_ort_denoiser(cfg.engine_dir, adapter, cfg.device)
+        denoiser, manifest = load_ort_denoiser(cfg.engine_dir, adapter, cfg.device, cfg.threads, options=options)
         ctx = adapter.using_denoiser(denoiser)
+        engine_info = {"dir": str(cfg.engine_dir), "precision": manifest.get("precision"),
+                       "ort_options": to_dict(options)}
+    # 3. Sample, batch by batch.
     seeds = [cfg.seed + i for i in range(len(prompts))]
-    waves = []
+    waves, batch_seconds = [], []
+    batches = [range(i, min(i + cfg.batch_size, len(prompts))) for i in range(0, len(prompts), cfg.batch_size)]
+    start = time.perf_counter()
     with ctx:
-        batches = [range(i, min(i + cfg.batch_size, len(prompts))) for i in range(0, len(prompts), cfg.batch_size)]
         for b in progress(batches, desc="generate", unit="batch"):
+            t0 = time.perf_counter()
             waves += adapter.generate([prompts[i] for i in b], [seeds[i] for i in b], cfg.steps, cfg.audio_seconds,
                                       cfg.guidance_scale)
+            batch_seconds.append(round(time.perf_counter() - t0, 4))
+    wall = time.perf_counter() - start
+    sr = adapter.sampling_rate
+    # 4. Write clips, plots and the record of what made them.
     with atomic_dir(out, force=force) as tmp:
-        write_clips(tmp, waves, adapter.sampling_rate)
+        write_clips(tmp, waves, sr)
+        if cfg.plot:
+            for i, (w, p) in enumerate(zip(waves, prompts)):
+                spectrogram_png(w, sr, tmp / f"{i:04d}.png", title=f"{p} (seed {seeds[i]})")
         write_json(tmp / "prompts.json", [
-            {"file": f"{i:04d}.wav", "prompt": p, "seed": s} for i, (p, s) in enumerate(zip(prompts, seeds))
+            {"file": f"{i:04d}.wav", "prompt": p, "seed": s, **({"plot": f"{i:04d}.png"} if cfg.plot else {})}
+            for i, (p, s) in enumerate(zip(prompts, seeds))
         ])
+        write_json(tmp / "generate.json", {
+            "config": to_dict(cfg),
+            "model": adapter.model_id,
+            "engine": engine_info,
+            "sampling_rate": sr,
+            "clips": len(waves),
+            "samples_per_clip": [int(len(w)) for w in waves],
+            "seconds": round(wall, 4),
+            "seconds_per_clip": round(wall / len(waves), 4),
+            "batch_seconds": batch_seconds,
+        })
+    logger.info("generated %d clip(s) in %.1f s (%.2f s per clip) -> %s", len(waves), wall, wall / len(waves), out)
     return [Path(out) / f"{i:04d}.wav" for i in range(len(prompts))]

@@ -152,10 +152,14 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
     return manifest
 
 
-def load_ort_denoiser(engines_dir: str | Path, adapter, device: str = "cpu", threads: int = 0):
-    """The ONNX Runtime denoiser of an engines folder, ready for ``adapter.using_denoiser``."""
+def load_ort_denoiser(engines_dir: str | Path, adapter, device: str = "cpu", threads: int = 0, options=None):
+    """The ONNX Runtime denoiser of an engines folder, ready for ``adapter.using_denoiser``.
+
+    ``options`` (an ``engines.onnxruntime.OrtOptions``: provider, IO binding, CUDA graphs) wins
+    over ``device`` and ``threads``.
+    """
     from adm_export.artifacts import check_same_model
-    from adm_export.engines.onnxruntime import make_ort_denoiser, make_session
+    from adm_export.engines.onnxruntime import OrtEngine, OrtOptions, make_ort_denoiser
 
     manifest = read_manifest(engines_dir, STAGE, "--engine")
     check_same_model(manifest, adapter.identity(), "--engine")
@@ -167,4 +171,5 @@ def load_ort_denoiser(engines_dir: str | Path, adapter, device: str = "cpu", thr
             f"--engine {str(engines_dir)!r} has no ONNX Runtime engine (built with --engine none?); "
             f"rebuild it with --engine onnxruntime"
         )
-    return make_ort_denoiser(adapter, make_session(path, device, threads)), manifest
+    options = options or OrtOptions.for_device(device, threads)
+    return make_ort_denoiser(adapter, OrtEngine(path, adapter.denoiser_spec(), options)), manifest
