@@ -190,13 +190,16 @@ class EvalConfig:
         steps: Sampler steps per clip.
         audio_seconds: Clip length.
         guidance_scale: Classifier-free guidance scale.
-        max_fd_increase: Gate threshold: FD(quantized, baseline) as a percentage of the FD of two
-            independent baseline draws (see ``eval.harness``); ``None`` disables the gate.
+        max_fd_increase: Gate threshold in percent on ``100 * (FD(engine, ref) - FD(baseline, ref))
+            / FD(baseline, ref)`` (see ``eval.harness``); ``None`` disables the gate.
         embedder: Embedder name (``logmel`` is weight-free and always available).
         embedder_checkpoint: Weights file or folder of a pretrained embedder.
         reference_dir: Optional folder of reference WAV files for ``fd_baseline_vs_ref``.
         seed: Seed of prompts and initial noise.
         device: ``cpu`` or ``cuda``.
+        fd_inf: Also extrapolate every FD to infinitely many clips (FD-inf, 1/N fit).
+        n_boot: Bootstrap replicates behind every interval.
+        clap_checkpoint: Local ``ClapModel`` folder (with tokenizer) for the CLAP score.
     """
 
     num_clips: int = 8
@@ -209,8 +212,12 @@ class EvalConfig:
     reference_dir: str | None = None
     seed: int = 1234
     device: str = "cpu"
+    fd_inf: bool = False
+    n_boot: int = 200
+    clap_checkpoint: str | None = None
 
     def __post_init__(self):
+        _positive("--bootstrap", self.n_boot)
         if self.num_clips < 2:
             raise InvalidInputError(f"invalid --num-clips {self.num_clips}: FD needs at least 2 clips")
         _positive("--steps", self.steps)
