@@ -126,18 +126,35 @@ class QuantizeConfig:
         precision: Quantization preset.
         size_budget: For ``mixed``: exported U-Net weight bytes at most this fraction of FP32.
         device: ``cpu`` or ``cuda``.
+        policy: A user policy JSON file (``--policy``; see ``export.policy``); replaces the preset's.
+        target: Serving target whose capabilities the formats are checked against (``--target``).
+        allow_adjust: Change formats the target cannot run instead of refusing (``--allow-adjust``).
+        placement: Q/DQ placement; ``onnxruntime`` also quantizes INT8 convolutions' outputs.
+        sensitivity_points: Calibration points the ``mixed`` sensitivity search measures on.
     """
 
     precision: Precision = Precision.INT8
     size_budget: float | None = None
     device: str = "cpu"
+    policy: str | None = None
+    target: str = "onnxruntime-cpu"
+    allow_adjust: bool = False
+    placement: Placement = Placement.TENSORRT
+    sensitivity_points: int = 4
 
     def __post_init__(self):
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "--precision"))
+        object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
         if self.size_budget is not None and not 0 < self.size_budget <= 1:
             raise InvalidInputError(
                 f"invalid --size-budget {self.size_budget!r}: give a fraction of the FP32 size in (0, 1]"
             )
+        if self.precision == Precision.MIXED and self.size_budget is None:
+            raise InvalidInputError("--precision mixed needs --size-budget F (fraction of the FP32 size, e.g. 0.2)")
+        from adm_export.export.capabilities import parse_target
+
+        parse_target(self.target)
+        _positive("--sensitivity-points", self.sensitivity_points)
         _check_device(self.device)
 
 
