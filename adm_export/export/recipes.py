@@ -1,32 +1,15 @@
 """Quantization presets as data, in ModelOpt's ``quant_cfg`` shape.
 
-Each preset is an ordered list of ``{"quantizer_name", "parent_class", "cfg", "enable"}`` entries
-where a later entry wins: deny everything, enable the formats on the layer classes we want, then
-the exclusions, each with the reason it is kept in high precision.
+The presets themselves are policies (:mod:`adm_export.export.policy`): an ordered rule list,
+later wins: the format everywhere, then the exclusions, each with the reason it is kept in high
+precision. This module keeps the preset-level entry points the other stages call.
 """
 
 from __future__ import annotations
 
-import copy
-
 from adm_export.config import Precision
-from adm_export.errors import InvalidInputError
-
-# Layers NVIDIA's diffusion recipe (ModelOpt's diffusers example) keeps in high precision.
-# Patterns are fnmatch wildcards on quantizer names ("<module path>.<which>_quantizer").
-HIGH_PRECISION_LAYERS = [
-    # Timestep and class (CLAP text) embeddings: tiny GEMMs whose error shifts every block.
-    ("*time_embedding*", "timestep embedding MLP: negligible compute, feeds every resnet"),
-    ("*time_emb_proj*", "per-resnet timestep projection: a few FLOPs, conditions the whole block"),
-    ("*class_embedding*", "CLAP text projection (AudioLDM's conditioning)"),
-    ("*add_embedding*", "added conditioning embeddings"),
-    # First and last convolutions: they see the raw latent / produce the noise estimate directly.
-    ("*conv_in*", "first conv: sees the raw latent, few channels"),
-    ("*conv_out*", "last conv: writes the noise prediction itself"),
-    # 1x1 skip projections of resnets: carry the residual stream between widths.
-    ("*conv_shortcut*", "residual skip projection"),
-    ("*norm_out*", "output normalisation"),
-]
+from adm_export.export import policy as _policy
+from adm_export.export.policy import HIGH_PRECISION_LAYERS  # noqa: F401  (re-exported)
 
 # Only convolutions and linear layers are quantized: their inputs and weights carry Q/DQ
 # (ModelOpt would otherwise also put input quantizers on normalisation layers, which no
@@ -35,11 +18,20 @@ _COMPUTE_CLASSES = ("nn.Conv2d", "nn.Linear")
 
 _FORMATS = {
     Precision.INT8: {"weight": {"num_bits": 8, "axis": 0}, "input": {"num_bits": 8, "axis": None}},
+    Precision.FP8: {"weight": {"num_bits": (4, 3), "axis": None}, "input": {"num_bits": (4, 3), "axis": None}},
+    Precision.W4A8: {"weight": {"num_bits": 4, "block_sizes": {-1: _policy.INT4_BLOCK, "type": "static"}},
+                     "input": {"num_bits": 8, "axis": None},
+                     "convolutions": "int8 (no INT4 convolution in TensorRT)"},
+    Precision.MIXED: {"search": "per layer among fp16/int8/fp8/w4a8 under --size-budget"},
 }
 
 
 def quant_config(precision: Precision | str) -> dict:
-    """The ModelOpt config of a preset.
+    """The model-free ModelOpt config of a preset.
+
+    For ``mixed`` the formats are chosen per layer by the sensitivity search, so the searched
+    layers compile to disabled quantizers here; the quantize stage resolves the policy on the
+    model instead (``policy.resolve`` + ``policy.compile_quant_cfg``).
 
     Args:
         precision: Preset name.
@@ -48,30 +40,20 @@ def quant_config(precision: Precision | str) -> dict:
         ``{"quant_cfg": [...], "algorithm": "max"}`` ready for ``mtq.quantize``.
 
     Raises:
-        InvalidInputError: The preset is not implemented in this version.
+        InvalidInputError: Unknown preset.
     """
     precision = Precision(precision)
-    fmt = _FORMATS.get(precision)
-    if fmt is None:
-        available = ", ".join(p.value for p in _FORMATS)
-        raise InvalidInputError(
-            f"--precision {precision.value!r} is not available in this version yet; available: {available}"
-        )
-    entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
-    for cls in _COMPUTE_CLASSES:
-        entries.append({"quantizer_name": "*weight_quantizer", "parent_class": cls, "cfg": copy.deepcopy(fmt["weight"])})
-        entries.append({"quantizer_name": "*input_quantizer", "parent_class": cls, "cfg": copy.deepcopy(fmt["input"])})
-    for pattern, _why in HIGH_PRECISION_LAYERS:
-        entries.append({"quantizer_name": pattern, "enable": False})
-    return {"quant_cfg": entries, "algorithm": "max"}
+    return _policy.compile_pattern_cfg(_policy.preset(precision.value))
 
 
-def describe(precision: Precision | str) -> dict:
-    """A readable summary of a preset for manifests and reports."""
+def describe(precision: Precision | str, policy=None) -> dict:
+    """A readable summary of a preset (or of a user policy) for manifests and reports."""
     precision = Precision(precision)
+    pol = policy or _policy.preset(precision.value)
     return {
         "precision": precision.value,
-        "formats": copy.deepcopy(_FORMATS.get(precision)),
+        "policy": pol.to_dict(),
+        "formats": _FORMATS.get(precision),
         "quantized_classes": list(_COMPUTE_CLASSES),
-        "high_precision": [{"pattern": p, "why": w} for p, w in HIGH_PRECISION_LAYERS],
+        "high_precision": [{"pattern": r.pattern, "why": r.why} for r in pol.rules if r.format.value == "fp16"],
     }
