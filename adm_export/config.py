@@ -208,7 +208,10 @@ class EvalConfig:
         audio_seconds: Clip length.
         guidance_scale: Classifier-free guidance scale.
         max_fd_increase: Gate threshold in percent on ``100 * (FD(engine, ref) - FD(baseline, ref))
-            / FD(baseline, ref)`` (see ``eval.harness``); ``None`` disables the gate.
+            / FD(baseline, ref)`` (see ``eval.harness``); ``None`` disables this check.
+        max_drift: Gate threshold in percent on the paired drift: mean squared embedding distance
+            of each engine clip to its own baseline clip over twice the baseline set's total
+            variance (see ``eval.harness.paired_drift_pct``); ``None`` disables this check.
         embedder: Embedder name (``logmel`` is weight-free and always available).
         embedder_checkpoint: Weights file or folder of a pretrained embedder.
         reference_dir: Optional folder of reference WAV files for ``fd_baseline_vs_ref``.
@@ -232,6 +235,7 @@ class EvalConfig:
     fd_inf: bool = False
     n_boot: int = 200
     clap_checkpoint: str | None = None
+    max_drift: float | None = 25.0
 
     def __post_init__(self):
         _positive("--bootstrap", self.n_boot)
@@ -240,6 +244,8 @@ class EvalConfig:
         _positive("--steps", self.steps)
         if self.max_fd_increase is not None and self.max_fd_increase < 0:
             raise InvalidInputError(f"invalid --max-fd-increase {self.max_fd_increase}: must be >= 0")
+        if self.max_drift is not None and self.max_drift < 0:
+            raise InvalidInputError(f"invalid --max-drift {self.max_drift}: must be >= 0")
         _check_device(self.device)
 
 

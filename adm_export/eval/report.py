@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import posixpath
 from pathlib import Path
 from typing import Any
 
@@ -11,15 +12,29 @@ from adm_export.artifacts import library_versions, write_json
 
 def make_report(model: dict, precision: str, device: str, timings: dict, onnx_manifest: dict | None,
                 engine_manifest: dict | None, eval_result: dict | None, quant_manifest: dict | None = None,
-                calib_manifest: dict | None = None) -> dict:
+                calib_manifest: dict | None = None, eval_dir: str = "eval") -> dict:
     """Assemble the report from the stages' manifests.
 
     Keys of DESIGN.md §3 are always present (``None`` when a stage did not run); more may be added.
+
+    Args:
+        model: Model identity.
+        precision: Quantization preset name.
+        device: Device the stages ran on.
+        timings: Seconds by stage name.
+        onnx_manifest: Manifest of the ``export`` stage, or ``None``.
+        engine_manifest: Manifest of the ``engine`` stage, or ``None``.
+        eval_result: Result of :func:`adm_export.eval.harness.evaluate`, or ``None``.
+        quant_manifest: Manifest of the ``quantize`` stage, or ``None``.
+        calib_manifest: Manifest of the ``calibrate`` stage, or ``None``.
+        eval_dir: Where the eval folder (with ``figures/``) lies relative to the report: ``eval``
+            in a build folder, ``""`` for the report ``adm-export eval`` writes into its own folder.
     """
     sizes = (onnx_manifest or {}).get("sizes", {})
     parity = (onnx_manifest or {}).get("parity", {})
     engine = (engine_manifest or {}).get("report", {})
     ev = eval_result or {}
+    gate = ev.get("gate") or {}
     report: dict[str, Any] = {
         "model": model,
         "precision": precision,
@@ -68,16 +83,47 @@ def make_report(model: dict, precision: str, device: str, timings: dict, onnx_ma
             "fd_quantized_vs_baseline": ev.get("fd_quantized_vs_baseline"),
             "fd_quantized_vs_baseline_ci": ev.get("fd_quantized_vs_baseline_ci"),
             "fd_increase_pct": ev.get("fd_increase_pct"),
+            "fd_increase_pct_ci": ev.get("fd_increase_pct_ci"),
+            "paired_drift_pct": ev.get("paired_drift_pct"),
+            "paired_drift_pct_ci": ev.get("paired_drift_pct_ci"),
+            "fd_kind": ev.get("fd_kind"),
+            "fd_warning": ev.get("fd_warning"),
+            "intervals": ev.get("intervals"),
+            "bootstrap": ev.get("bootstrap"),
+            "fd_inf": _fd_inf_values(ev.get("fd_inf")),
+            "fd_inf_increase_pct": ev.get("fd_inf_increase_pct"),
+            "kl": ev.get("kl"),
+            "inception_score": ev.get("inception_score"),
+            "clap_score": ev.get("clap_score"),
+            "embedder_weight_free": ev.get("embedder_weight_free"),
+            "embedder_description": ev.get("embedder_description"),
+            "steps": ev.get("steps"),
+            "audio_seconds": ev.get("audio_seconds"),
             "final_latent_rel_l2": ev.get("final_latent_rel_l2"),
             "latent_rel_l2_per_step": ev.get("latent_rel_l2_per_step"),
+            "nonfinite_quantized_clips": ev.get("nonfinite_quantized_clips"),
+            "figures": {name: posixpath.join(eval_dir, rel) if eval_dir else rel
+                        for name, rel in (ev.get("figures") or {}).items()},
             "gate": {
-                "passed": (ev.get("gate") or {}).get("passed"),
-                "threshold": (ev.get("gate") or {}).get("threshold"),
-                "metric": (ev.get("gate") or {}).get("metric"),
+                "passed": gate.get("passed"),
+                "threshold": gate.get("threshold"),
+                "metric": gate.get("metric"),
+                "value": gate.get("value"),
+                "ci": gate.get("ci"),
+                "failed": gate.get("failed"),
+                "message": gate.get("message"),
+                "checks": gate.get("checks"),
             },
         },
     }
     return report
+
+
+def _fd_inf_values(fd_inf: dict | None) -> dict | None:
+    """FD-inf per comparison without the per-size points (those stay in ``eval/eval.json``)."""
+    if not fd_inf:
+        return None
+    return {k: {"fd_inf": v.get("fd_inf"), "r2": v.get("r2"), "warning": v.get("warning")} for k, v in fd_inf.items()}
 
 
 def _fmt(v: Any, spec: str = ".4g") -> str:
@@ -88,8 +134,135 @@ def _fmt(v: Any, spec: str = ".4g") -> str:
     return str(v)
 
 
+def _interval_txt(ci: Any, spec: str = ".4g", unit: str = "") -> str:
+    if not ci or None in ci:
+        return "–"
+    return f"{format(ci[0], spec)}{unit} to {format(ci[1], spec)}{unit}"
+
+
+_REF_NAMES = {"folder": "reference folder", "baseline_other_seeds": "reference draw (baseline, other seeds)"}
+
+
+def render_quality(ev: dict) -> list[str]:
+    """The ``Quality`` section of ``report.md``: gate verdict, metric table, warnings, figures."""
+    if ev.get("num_clips") is None:
+        return ["Evaluation was not run (--no-eval, or no engine was built)."]
+    gate = ev.get("gate") or {}
+    ref = ev.get("reference") or {}
+    ref_name = _REF_NAMES.get(ref.get("kind"), str(ref.get("kind")))
+    metric = "FAD" if str(ev.get("fd_kind") or "").startswith("FAD") else "FD"
+    verdict = "PASSED" if gate.get("passed") else "FAILED"
+    lines = [f"**Quality gate: {verdict}**", ""]
+    for c in gate.get("checks") or []:
+        lines.append(f"- {'pass' if c.get('passed') else '**FAIL**'}: {c.get('message')}")
+    if not gate.get("checks"):
+        lines.append("- no gate threshold set")
+    lines.append("")
+
+    weight_free = " (weight-free)" if ev.get("embedder_weight_free") else ""
+    lines += [
+        f"- clips: {ev['num_clips']} per set ({_fmt(ev.get('steps'))} sampler steps, "
+        f"{_fmt(ev.get('audio_seconds'))} s); the baseline and the engine use the same prompts and seeds",
+        f"- embedder: `{ev.get('embedder')}`{weight_free}: {ev.get('embedder_description') or ''}",
+        f"- distance: {ev.get('fd_kind') or metric}; reference: {ref_name}"
+        + (f" `{ref.get('path')}`" if ref.get("path") else "") + f", {ref.get('clips', '–')} clips",
+        "",
+    ]
+    if ev.get("embedder_weight_free"):
+        lines += [
+            f"> The default embedder has no learned weights: it detects signal-level drift (noise, spectral tilt, "
+            f"loudness, temporal texture) but not whether the sound still matches its prompt, and its {metric} values "
+            "are not comparable with published FD/FAD numbers. Give `--embedder panns-cnn14 --embedder-checkpoint "
+            "FILE` for PANNs FD, KL and IS.",
+            "",
+        ]
+
+    iv = ev.get("intervals") or {}
+    inf = ev.get("fd_inf") or {}
+    rows = [
+        ("fd_quantized_vs_baseline", f"{metric}(quantized, baseline)", ".4g", ""),
+        ("fd_baseline_vs_ref", f"{metric}(baseline, reference)", ".4g", ""),
+        ("fd_quantized_vs_ref", f"{metric}(quantized, reference)", ".4g", ""),
+        ("fd_increase_pct", f"{metric} increase vs reference (gated)", ".1f", "%"),
+        ("paired_drift_pct", "paired drift (gated)", ".1f", "%"),
+    ]
+    lines += [
+        "| metric | estimate | 95% interval | bootstrap bias | raw percentile interval | " + f"{metric}∞ |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, label, spec, unit in rows:
+        i = iv.get(key) or {}
+        est = ev.get(key)
+        raw = _interval_txt(i.get("percentile_ci"), spec, unit)
+        if i.get("estimate_in_percentile_ci") is False:
+            raw += " (excludes the estimate)"
+        fd_inf = {"fd_increase_pct": ev.get("fd_inf_increase_pct"), "paired_drift_pct": None}.get(
+            key, (inf.get(key) or {}).get("fd_inf"))
+        lines.append(
+            f"| {label} | {'–' if est is None else format(est, spec) + unit} | {_interval_txt(i.get('ci'), spec, unit)} "
+            f"| {_fmt(i.get('bias'), spec)} | {raw} | {_fmt(fd_inf, spec)}{unit if fd_inf is not None else ''} |"
+        )
+    boot = ev.get("bootstrap") or {}
+    lines += [
+        "",
+        f"Intervals: {boot.get('n_boot', '–')} bootstrap replicates resampling {boot.get('resampling', 'clips')}. "
+        "Resampling duplicates clips, which inflates FD; the interval shown is the percentile interval shifted by "
+        "the bootstrap's median bias (`bias` column) so that it is centred on the estimate. It describes the "
+        "spread of the estimate at this number of clips, not the distance at infinitely many clips. "
+        f"{metric} increase = 100 × ({metric}(quantized, reference) − {metric}(baseline, reference)) / "
+        f"{metric}(baseline, reference). Paired drift = 100 × mean ‖e(quantized clip) − e(its baseline clip)‖² / "
+        "mean ‖e(baseline clip) − e(other baseline clip)‖²: 0 is identical output, about 100 is unrelated output.",
+        "",
+    ]
+
+    kl, is_, clap = ev.get("kl"), ev.get("inception_score"), ev.get("clap_score")
+    if kl:
+        lines.append(f"- KL(baseline ‖ quantized), softmax over class logits, paired by prompt and seed: "
+                     f"{_fmt(kl.get('quantized_vs_baseline'))} (sigmoid variant {_fmt(kl.get('quantized_vs_baseline_sigmoid'))})"
+                     + (f"; baseline vs reference draw (same prompts, other seeds): {_fmt(kl.get('baseline_vs_ref'))}"
+                        if kl.get("baseline_vs_ref") is not None else ""))
+    else:
+        lines.append(f"- KL and inception score: not computed (embedder `{ev.get('embedder')}` has no class head; "
+                     "they need PANNs Cnn14 logits)")
+    if is_:
+        lines.append("- inception score: " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in is_.items()))
+    if clap:
+        lines.append("- CLAP score (mean text-audio cosine): " + ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in clap.items()))
+    else:
+        lines.append("- CLAP score: not computed (give `--clap-checkpoint DIR`)")
+    lines.append(f"- final-latent relative L2 (engine vs baseline trajectory): {_fmt(ev.get('final_latent_rel_l2'), '.3e')}")
+
+    warnings = []
+    if ev.get("nonfinite_quantized_clips"):
+        warnings.append(f"the engine produced NaN/inf audio in clips {ev['nonfinite_quantized_clips']}")
+    if ev.get("fd_warning"):
+        warnings.append(ev["fd_warning"])
+    for key, i in iv.items():
+        if (i or {}).get("estimate_in_percentile_ci") is False:
+            warnings.append(f"{key}: the raw bootstrap percentile interval excludes the estimate (resampling bias "
+                            f"{_fmt(i.get('bias'))}); read the bias-shifted interval")
+    inf_warnings = {(v or {}).get("warning") for v in inf.values()} - {None}
+    for w in sorted(inf_warnings):
+        warnings.append(f"{metric}∞: {w}")
+    if warnings:
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
+
+    figures = ev.get("figures") or {}
+    captions = {
+        "fd": f"{metric} per comparison with its interval, and the gate",
+        "spectrograms": "Log-mel spectrograms, baseline vs quantized, same prompt and seed",
+        "latent_error": "Per-step latent error between the engine's and the baseline's trajectories",
+    }
+    if figures:
+        lines += ["", "### Figures", ""]
+        for name in ("fd", "spectrograms", "latent_error"):
+            if name in figures:
+                lines += [f"![{captions[name]}]({figures[name]})", "", f"*{captions[name]}.*", ""]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
-    """A readable summary of a report."""
+    """A readable summary of a report (what ``report.md`` holds)."""
     size, parity, engine, ev = report["size"], report["parity"], report["engine"], report["eval"]
     mb = lambda b: "–" if b is None else f"{b / 1e6:.2f} MB"  # noqa: E731
     lines = [
@@ -104,25 +277,33 @@ def render_markdown(report: dict) -> str:
         "|---|---:|",
         *[f"| {name} | {v['seconds']:.1f} |" for name, v in report["stages"].items()],
         "",
-        "## Size of the U-Net",
-        "",
-        "| form | size | vs FP32 |",
-        "|---|---:|---:|",
-        f"| FP32 | {mb(size['unet_fp32_bytes'])} | 100% |",
-        f"| FP16 | {mb(size['unet_fp16_bytes'])} | 50% |",
-        f"| exported ({report['precision']}) | {mb(size['unet_export_bytes'])} | "
-        f"{_fmt(None if size['reduction_vs_fp32'] is None else 100 * size['reduction_vs_fp32'], '.1f')}% |",
-        "",
-        "## Parity (relative L2 of one denoiser call on cached calibration inputs, worst point)",
-        "",
-        f"- ONNX Runtime vs torch fake-quant: {_fmt(parity['onnx_vs_torch_rel_l2'], '.2e')} "
-        f"(mean {_fmt(parity['onnx_vs_torch_mean_rel_l2'], '.2e')})",
-        f"- rounding floor (torch fake-quant, float64 vs float32): {_fmt(parity['rounding_floor_rel_l2'], '.2e')} "
-        f"(mean {_fmt(parity['rounding_floor_mean_rel_l2'], '.2e')})",
-        f"- quantization error (fake-quant vs full precision): {_fmt(parity['quant_error_rel_l2'], '.2e')} "
-        f"(mean {_fmt(parity['quant_error_mean_rel_l2'], '.2e')})",
-        f"- parity check: {'passed' if parity['passed'] else 'FAILED' if parity['passed'] is False else '–'}",
-        "",
+    ]
+    if size.get("unet_export_bytes") is not None:
+        lines += [
+            "## Size of the U-Net",
+            "",
+            "| form | size | vs FP32 |",
+            "|---|---:|---:|",
+            f"| FP32 | {mb(size['unet_fp32_bytes'])} | 100% |",
+            f"| FP16 | {mb(size['unet_fp16_bytes'])} | 50% |",
+            f"| exported ({report['precision']}) | {mb(size['unet_export_bytes'])} | "
+            f"{_fmt(None if size['reduction_vs_fp32'] is None else 100 * size['reduction_vs_fp32'], '.1f')}% |",
+            "",
+        ]
+    if parity.get("onnx_vs_torch_rel_l2") is not None:
+        lines += [
+            "## Parity (relative L2 of one denoiser call on cached calibration inputs, worst point)",
+            "",
+            f"- ONNX Runtime vs torch fake-quant: {_fmt(parity['onnx_vs_torch_rel_l2'], '.2e')} "
+            f"(mean {_fmt(parity['onnx_vs_torch_mean_rel_l2'], '.2e')})",
+            f"- rounding floor (torch fake-quant, float64 vs float32): {_fmt(parity['rounding_floor_rel_l2'], '.2e')} "
+            f"(mean {_fmt(parity['rounding_floor_mean_rel_l2'], '.2e')})",
+            f"- quantization error (fake-quant vs full precision): {_fmt(parity['quant_error_rel_l2'], '.2e')} "
+            f"(mean {_fmt(parity['quant_error_mean_rel_l2'], '.2e')})",
+            f"- parity check: {'passed' if parity['passed'] else 'FAILED' if parity['passed'] is False else '–'}",
+            "",
+        ]
+    lines += [
         "## Engine",
         "",
         f"- backend: {engine['backend']}; layer precisions: {json.dumps(engine['layer_precisions'])}",
@@ -132,23 +313,8 @@ def render_markdown(report: dict) -> str:
         if name != "onnxruntime":
             lines.append(f"- {name}: " + (f"built, layer precisions {json.dumps(e.get('layer_precisions'))} "
                                           f"(source: {e.get('source')})" if e.get("built") else f"not built ({e.get('reason')})"))
-    lines += ["", "## Quality", ""]
-    if ev.get("num_clips") is None:
-        lines.append("Evaluation was not run (--no-eval).")
-    else:
-        gate = ev["gate"]
-        lines += [
-            f"- clips: {ev['num_clips']}, embedder: {ev['embedder']}, reference: "
-            f"{(ev.get('reference') or {}).get('kind')}",
-            f"- FD(quantized, baseline): {_fmt(ev['fd_quantized_vs_baseline'])} "
-            f"(95% bootstrap interval {', '.join(_fmt(x) for x in ev.get('fd_quantized_vs_baseline_ci') or [])})",
-            f"- FD(baseline, reference): {_fmt(ev['fd_baseline_vs_ref'])}; FD(quantized, reference): "
-            f"{_fmt(ev['fd_quantized_vs_ref'])}",
-            f"- FD increase: {_fmt(ev['fd_increase_pct'], '.1f')}% (gate: at most {_fmt(gate['threshold'])}%) → "
-            f"**{'PASSED' if gate['passed'] else 'FAILED'}**",
-            f"- final-latent relative L2 (engine vs baseline trajectory): {_fmt(ev['final_latent_rel_l2'], '.3e')}",
-        ]
-    return "\n".join(lines) + "\n"
+    lines += ["", "## Quality", "", *render_quality(ev)]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def write_report(folder: Path, report: dict) -> None:
