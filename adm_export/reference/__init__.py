@@ -1,0 +1,1 @@
+"""A small procedural text-to-audio world: captioned synthetic sounds for training and evaluation."""
