@@ -199,7 +199,8 @@ def render_quality(ev: dict) -> list[str]:
         fd_inf = {"fd_increase_pct": ev.get("fd_inf_increase_pct"), "paired_drift_pct": None}.get(
             key, (inf.get(key) or {}).get("fd_inf"))
         lines.append(
-            f"| {label} | {'–' if est is None else format(est, spec) + unit} | {_interval_txt(i.get('ci'), spec, unit)} "
+            f"| {label} | {'–' if est is None else format(est, spec) + unit} "
+            f"| {_interval_txt(i.get('ci'), spec, unit)} "
             f"| {_fmt(i.get('bias'), spec)} | {raw} | {_fmt(fd_inf, spec)}{unit if fd_inf is not None else ''} |"
         )
     boot = ev.get("bootstrap") or {}
@@ -218,7 +219,8 @@ def render_quality(ev: dict) -> list[str]:
     kl, is_, clap = ev.get("kl"), ev.get("inception_score"), ev.get("clap_score")
     if kl:
         lines.append(f"- KL(baseline ‖ quantized), softmax over class logits, paired by prompt and seed: "
-                     f"{_fmt(kl.get('quantized_vs_baseline'))} (sigmoid variant {_fmt(kl.get('quantized_vs_baseline_sigmoid'))})"
+                     f"{_fmt(kl.get('quantized_vs_baseline'))} "
+                     f"(sigmoid variant {_fmt(kl.get('quantized_vs_baseline_sigmoid'))})"
                      + (f"; baseline vs reference draw (same prompts, other seeds): {_fmt(kl.get('baseline_vs_ref'))}"
                         if kl.get("baseline_vs_ref") is not None else ""))
     else:
@@ -227,10 +229,12 @@ def render_quality(ev: dict) -> list[str]:
     if is_:
         lines.append("- inception score: " + ", ".join(f"{k} {_fmt(v, '.3f')}" for k, v in is_.items()))
     if clap:
-        lines.append("- CLAP score (mean text-audio cosine): " + ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in clap.items()))
+        lines.append("- CLAP score (mean text-audio cosine): "
+                     + ", ".join(f"{k} {_fmt(v, '.4f')}" for k, v in clap.items()))
     else:
         lines.append("- CLAP score: not computed (give `--clap-checkpoint DIR`)")
-    lines.append(f"- final-latent relative L2 (engine vs baseline trajectory): {_fmt(ev.get('final_latent_rel_l2'), '.3e')}")
+    lines.append("- final-latent relative L2 (engine vs baseline trajectory): "
+                 f"{_fmt(ev.get('final_latent_rel_l2'), '.3e')}")
 
     warnings = []
     if ev.get("nonfinite_quantized_clips"):
