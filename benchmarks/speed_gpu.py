@@ -178,6 +178,8 @@ class Race:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
+        # A later --phase measure (another process) reports how the exports were made.
+        sc.write_json(args.workdir / "prepare.json", prep)
         self.save()
 
     # -- measure: step latency ---------------------------------------------------------------------
@@ -449,6 +451,11 @@ def main(argv=None) -> int:
     if args.phase in ("all", "prepare"):
         race.prepare()
     if args.phase in ("all", "measure"):
+        prepared = args.workdir / "prepare.json"
+        if args.phase == "measure" and prepared.is_file():
+            import json
+
+            race.results["prepare"] = json.loads(prepared.read_text())
         race.measure()
         print()
         print(race.table())
