@@ -129,6 +129,32 @@ def calibration_options(f):
     return f
 
 
+def quant_options(f):
+    """Policy, target and placement options shared by build and quantize."""
+    opts = [
+        click.option("--policy", type=click.Path(dir_okay=False), default=None,
+                     help="Policy JSON (layer patterns -> formats, quant_cfg shape); replaces the preset's rules."),
+        click.option("--target", type=click.Choice(["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt",
+                                                     "tensorrt-rtx"]), default=None,
+                     help="Serving target the formats are checked against (default: from --engine/--device)."),
+        click.option("--allow-adjust", is_flag=True,
+                     help="Change formats the target cannot run (reported) instead of refusing."),
+        click.option("--placement", type=_choices(Placement), default=Placement.TENSORRT.value, show_default=True,
+                     help="Q/DQ placement: tensorrt, or onnxruntime (DQ -> Conv -> Q for integer kernels)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _target(target, engine="onnxruntime", device="cpu") -> str:
+    if target:
+        return target
+    if engine in ("tensorrt", "tensorrt-rtx"):
+        return engine
+    return f"onnxruntime-{device}"
+
+
 def eval_options(f):
     opts = [
         click.option("--num-clips", type=int, default=8, show_default=True, help="Clips per run (baseline, engine)."),
@@ -207,21 +233,25 @@ def _summary(report: dict) -> None:
 @click.option("--engine", "engine", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value,
               show_default=True, help="Engine to build (ONNX Runtime is always built unless 'none').")
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Evaluate against the baseline.")
+@quant_options
 @calibration_options
 @eval_options
 @handle_errors
-def build(model, out, force, precision, size_budget, engine, run_eval, captions, num_prompts, augment, steps, points,
+def build(model, out, force, precision, size_budget, engine, run_eval, policy, target, allow_adjust, placement, captions, num_prompts, augment, steps, points,
           select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase, max_drift,
           embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
     from adm_export.build import build as run_build
-    from adm_export.config import BuildConfig, EngineConfig, QuantizeConfig
+    from adm_export.config import BuildConfig, EngineConfig, ExportConfig, QuantizeConfig
 
     cfg = BuildConfig(
         out=out,
         calibration=_calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds,
                                         guidance_scale, seed, device),
-        quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device),
+        quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
+                                target=_target(target, engine, device), allow_adjust=allow_adjust,
+                                placement=placement),
+        export=ExportConfig(placement=placement),
         engine=EngineConfig(backend=engine, device=device),
         eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
                           reference, device, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
@@ -266,13 +296,19 @@ def calibrate(model, out, force, captions, num_prompts, augment, steps, points, 
 @click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
 @click.option("--size-budget", type=float, default=None)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--sensitivity-points", type=int, default=4, show_default=True,
+              help="For --precision mixed: calibration points the per-layer sensitivity is measured on.")
+@quant_options
 @handle_errors
-def quantize(model, calibration, out, force, precision, size_budget, device):
+def quantize(model, calibration, out, force, precision, size_budget, device, sensitivity_points, policy, target,
+             allow_adjust, placement):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
     from adm_export.config import QuantizeConfig
     from adm_export.export.quantize import quantize as run
 
-    cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device)
+    cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
+                         target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,
+                         sensitivity_points=sensitivity_points)
     manifest = run(cfg, calibration, out, force=force, model_id=model)
     err = manifest["quant_error_rel_l2"]
     click.echo(f"quantized ({precision}): {manifest['quantizers']['weight']} layers; error vs full precision "
