@@ -18,9 +18,13 @@ def validate(cfg: BuildConfig) -> None:
     from adm_export.export import recipes
 
     recipes.quant_config(cfg.quantize.precision)
-    if cfg.export.placement != Placement.TENSORRT:
+    if cfg.quantize.policy:
+        from adm_export.export.policy import load_policy
+
+        load_policy(cfg.quantize.policy)
+    if cfg.export.placement != cfg.quantize.placement:
         raise InvalidInputError(
-            f"--placement {cfg.export.placement.value!r} is not available in this version; use --placement tensorrt"
+            f"--placement {cfg.export.placement.value!r} differs between the quantize and export settings"
         )
     if cfg.engine.backend in (EngineBackend.TENSORRT, EngineBackend.TENSORRT_RTX):
         from adm_export.engines.tensorrt import import_nvinfer
@@ -77,5 +81,9 @@ def build(cfg: BuildConfig) -> dict:
             result = evaluate(cfg.eval, out / "engines", out / "eval", adapter=adapter)
     report = make_report(adapter.identity(), cfg.quantize.precision.value, cfg.calibration.device, timings,
                          onnx_manifest, engine, result, quant, calib)
+    if report.get("quantization") is not None:
+        # Mixed precision and policies: what each layer got, what the target made us change, and
+        # the search's ranking / predicted vs measured error (export.quantize manifest).
+        report["quantization"].update({k: quant.get(k) for k in ("formats", "capability", "search", "placement")})
     write_report(out, report)
     return report
