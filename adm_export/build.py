@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 def validate(cfg: BuildConfig) -> None:
     """Check the settings that only a later stage would otherwise reject."""
-    from adm_export.config import EngineBackend, Placement
+    from adm_export.config import EngineBackend
     from adm_export.errors import InvalidInputError
     from adm_export.export import recipes
 
