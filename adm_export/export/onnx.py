@@ -20,6 +20,7 @@ from adm_export.artifacts import atomic_dir, manifest_digest, read_manifest, wri
 from adm_export.config import ExportConfig, Placement, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.export import onnx_graph
+from adm_export.export.policy import LayerPlan
 from adm_export.export.quantize import load_quantized, rel_l2, run_denoiser
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,77 @@ def check_parity(adapter, model, session, points: list[dict]) -> dict:
     }
 
 
+STANDARD_LOWBIT_OPSET = 21  # INT4 (blocked) and FP8 DequantizeLinear are standard from opset 21 / 19
+_TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter stops at 20; 20 -> 21 only widens Q/DQ/Cast types
+
+
+def weight_codecs(model, plans) -> dict[str, dict]:
+    """Low-bit codes and scales of every quantized weight, from the torch fake-quant model.
+
+    The scale follows ModelOpt's quantizer (``amax / bound``: 127 for INT8, 7 for INT4, 448 for
+    FP8 E4M3); the codes are the fake-quant weight divided by it, rounded (exact up to float
+    rounding, which :func:`onnx_graph.encode_weights` checks).
+
+    Returns:
+        ``{layer: {"format", "codes", "scale", "axis", "block", "fake_quant"}}`` in torch layout.
+    """
+    import ml_dtypes
+    import numpy as np
+    import torch
+
+    layers = dict(model.named_modules())
+    out = {}
+    for p in plans:
+        if p.weight == "fp16":
+            continue
+        m = layers[p.name]
+        wq = m.weight_quantizer
+        with torch.no_grad():
+            fq = wq(m.weight.detach()).float()
+        amax = wq.amax.detach().float().cpu().numpy()
+        w = fq.cpu().numpy()
+        if p.weight == "int8":
+            scale, axis, block = amax.reshape(-1) / 127.0, 0, None
+            shape = [1] * w.ndim
+            shape[0] = -1
+            s_full = scale.reshape(shape)
+            lo, hi, dtype = -128, 127, np.int8
+        elif p.weight == "fp8":
+            scale, axis, block = np.asarray(amax.reshape(-1)[0] / 448.0, np.float32), None, None
+            s_full = scale
+        else:  # int4, blocks along the input axis (1 in torch layout for both kinds)
+            block, axis = p.block, 1
+            nb = w.shape[1] // block
+            scale = amax.reshape((w.shape[0], nb, *w.shape[2:])) / 7.0
+            s_full = np.repeat(scale, block, axis=1)
+            lo, hi, dtype = -8, 7, ml_dtypes.int4
+        scale = scale.astype(np.float32)
+        safe = np.where(s_full == 0, 1.0, s_full).astype(np.float32)
+        if p.weight == "fp8":
+            codes = (w / safe).astype(ml_dtypes.float8_e4m3fn)
+        else:
+            codes = np.clip(np.rint(w / safe), lo, hi).astype(dtype)
+        out[p.name] = {"format": p.weight, "codes": codes, "scale": scale, "axis": axis, "block": block,
+                       "fake_quant": fq}
+    return out
+
+
+def export_model_copy(model, codecs: dict):
+    """A copy of the fake-quant model for export: quantized weights set to their fake-quant values,
+    weight quantizers off (the weights are encoded into low-bit initializers after export)."""
+    import copy
+
+    import torch
+
+    exp = copy.deepcopy(model)
+    layers = dict(exp.named_modules())
+    with torch.no_grad():
+        for name, c in codecs.items():
+            layers[name].weight.copy_(c["fake_quant"])
+            layers[name].weight_quantizer.disable()
+    return exp
+
+
 def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calibration: str | Path,
                 force: bool = False, adapter=None) -> dict:
     """Run the ``export`` stage.
@@ -150,34 +222,54 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     from adm_export.engines.onnxruntime import OrtRunner, make_session
     from adm_export.models import load_model
 
-    if cfg.placement != Placement.TENSORRT:
-        raise InvalidInputError(
-            f"--placement {cfg.placement.value!r} is not available in this version; use --placement tensorrt"
-        )
     # 1. The quantized model and the inputs to check it on.
     q_manifest = read_manifest(quantized, "quantized", "--quantized")
     if adapter is None:
         adapter = load_model(q_manifest["model"]["id"])
     model, _ = load_quantized(quantized, adapter)
+    q_placement = q_manifest.get("placement", Placement.TENSORRT.value)
+    if q_placement != cfg.placement.value:
+        raise InvalidInputError(
+            f"--placement {cfg.placement.value!r} does not match the quantized model's placement {q_placement!r} "
+            f"(ONNX Runtime placement quantizes convolution outputs at quantize time); re-run quantize with "
+            f"--placement {cfg.placement.value} or export with --placement {q_placement}")
+    plans = [LayerPlan(**{**d, "candidates": tuple(d.get("candidates", ()))}) for d in q_manifest.get("layers", [])]
+    if not plans:  # an artifact from before per-layer plans: every enabled weight quantizer is INT8
+        plans = _int8_plans_from_model(model)
     cache = load_cache(calibration, adapter.identity())
     points = parity_points(cache, cfg.parity_points)
+    codecs = weight_codecs(model, plans)
+    lowbit = any(c["format"] in ("fp8", "int4") for c in codecs.values()) or any(
+        p.activation == "fp8" for p in plans)
+    opset = max(cfg.opset, STANDARD_LOWBIT_OPSET) if lowbit else cfg.opset
 
     with atomic_dir(out, force=force) as tmp:
-        # 2. Export, then fold weights into integer initializers.
+        # 2. Export (weights = their fake-quant values, activation Q/DQ from ModelOpt), then store
+        #    each quantized weight as low-bit codes feeding DequantizeLinear.
         raw = tmp / "raw.onnx"
-        torch_to_onnx(adapter, model, raw, cfg.opset, points[0])
+        torch_to_onnx(adapter, export_model_copy(model, codecs), raw, min(opset, _TORCHSCRIPT_MAX_OPSET), points[0])
         graph = onnx.load(str(raw))
         raw_bytes = onnx_file_bytes(raw)
         raw.unlink()
         onnx_graph.constants_to_initializers(graph)
-        fold = onnx_graph.fold_weight_quantization(graph)
+        fp8_rewritten = onnx_graph.rewrite_trt_fp8(graph)
+        fold = onnx_graph.encode_weights(graph, codecs)
+        fold["trt_fp8_rewritten"] = fp8_rewritten
         fold["fp16_storage"] = onnx_graph.store_float_weights_fp16(graph)
+        if opset > _TORCHSCRIPT_MAX_OPSET:
+            for o in graph.opset_import:
+                if o.domain in ("", "ai.onnx"):
+                    o.version = opset
         graph.producer_name = "adm-export"
         onnx.checker.check_model(graph)
+        fold["float_copies_of_quantized_weights"] = onnx_graph.float_copies_of_quantized_weights(graph)
+        if fold["float_copies_of_quantized_weights"]:
+            raise RuntimeError(f"float copies of quantized weights left: {fold['float_copies_of_quantized_weights'][:5]}")
         path = tmp / ONNX_FILE
         export_bytes = save_onnx(graph, path)
         report = onnx_graph.qdq_report(graph)
-        del graph
+        report["opset"] = opset
+        del graph, codecs
 
         # 3. Parity: ONNX Runtime vs the torch fake-quant model, beside the quantization error and
         #    the rounding floor (see check_parity).
@@ -201,6 +293,8 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
             extra={
                 "spec": q_manifest["spec"],
                 "precision": q_manifest["config"]["precision"],
+                "placement": cfg.placement.value,
+                "opset": opset,
                 "sizes": sizes,
                 "fold": fold,
                 "qdq": report,
@@ -208,3 +302,15 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
             },
         )
     return manifest
+
+
+def _int8_plans_from_model(model) -> list:
+    """Plans for a quantized artifact written before per-layer plans existed (INT8 only)."""
+    from adm_export.export import policy as pol
+
+    plans = []
+    for name, kind, module in pol.compute_layers(model):
+        wq = getattr(module, "weight_quantizer", None)
+        fmt = pol.Format.INT8 if wq is not None and getattr(wq, "is_enabled", False) else pol.Format.FP16
+        plans.append(pol.realize(name, kind, module, fmt, False))
+    return plans

@@ -193,8 +193,8 @@ def qdq_report(model) -> dict:
     """Which compute ops run quantized, and whether any quantized weight is still stored in float.
 
     A compute op counts as quantized when both its activation input and its weight come from
-    DequantizeLinear; ``half_quantized`` lists ops with Q/DQ on only one of them (a bug in a
-    recipe or an export), ``float_weights_behind_qdq`` lists DequantizeLinear nodes whose input
+    DequantizeLinear, as ``weight_only`` when only its weight does (W4A16); ``half_quantized``
+    lists ops whose activation has Q/DQ but whose weight does not (a bug in a recipe or an export), ``float_weights_behind_qdq`` lists DequantizeLinear nodes whose input
     is a float initializer (a weight that was not folded).
     """
     from onnx import TensorProto
@@ -211,6 +211,9 @@ def qdq_report(model) -> dict:
         dq = [s is not None and s.op_type == "DequantizeLinear" for s in srcs]
         if all(dq):
             counts[f"{n.op_type}:quantized"] += 1
+        elif dq[1] and not dq[0]:
+            # Weight-only (W4A16): the activation stays in float by design, not a half-done Q/DQ.
+            counts[f"{n.op_type}:weight_only"] += 1
         else:
             counts[f"{n.op_type}:float"] += 1
             if any(dq):
@@ -228,8 +231,207 @@ def qdq_report(model) -> dict:
         "ops": dict(sorted(counts.items())),
         "quantized_ops": sum(v for k, v in counts.items() if k.endswith(":quantized")),
         "float_ops": sum(v for k, v in counts.items() if k.endswith(":float")),
+        "weight_only_ops": sum(v for k, v in counts.items() if k.endswith(":weight_only")),
         "half_quantized": half,
         "float_weights_behind_qdq": unfolded,
         "quantized_weight_dtypes": dict(weight_dtypes),
         "node_count": len(graph.node),
     }
+
+
+# -- low-bit weight encoding (every format) ------------------------------------------------------
+def _module_of(node) -> str | None:
+    """Module path of a compute node named by the TorchScript exporter (``/unet/a.0/b/Conv``)."""
+    parts = node.name.split("/")
+    if len(parts) < 4 or parts[-1] != node.op_type:
+        return None
+    return ".".join(parts[2:-1])
+
+
+def _weight_layout(node) -> tuple[int, ...] | None:
+    """Permutation from the torch weight layout to the ONNX one for the node's weight input."""
+    if node.op_type == "Conv":
+        return None
+    if node.op_type == "Gemm":
+        return None if _attr(node, "transB", 0) else (1, 0)
+    return (1, 0)  # MatMul: x @ W^T exported with the transposed weight
+
+
+def _dequantize(codes: np.ndarray, scale: np.ndarray, axis: int | None, block: int | None) -> np.ndarray:
+    x = codes.astype(np.float32)
+    if axis is None:
+        return x * scale.astype(np.float32)
+    if block:
+        s = np.repeat(scale.astype(np.float32), block, axis=axis)
+        s = np.take(s, np.arange(x.shape[axis]), axis=axis)
+        return x * s
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return x * scale.astype(np.float32).reshape(shape)
+
+
+def encode_weights(model, codecs: dict[str, dict]) -> dict:
+    """Replace the float weight of every quantized layer by low-bit codes feeding DequantizeLinear.
+
+    The model was exported with each quantized layer's weight already equal to its fake-quant
+    value (``codes x scale``) and no weight Q/DQ; ``codecs`` (from the torch model) gives, per
+    layer, ``codes`` (int8 / ``ml_dtypes`` int4 or float8_e4m3fn, torch layout), ``scale``
+    (FP32: per output channel ``axis=0``, per tensor ``axis=None``, or per block of ``block``
+    along ``axis``). Each weight initializer is located through its consumer node's module path,
+    re-laid out (a linear layer's MatMul holds W^T), checked to dequantize to exactly the
+    exported values (so no weight is ever mismatched), and replaced: ``<name>_quantized`` ->
+    DequantizeLinear -> the original tensor name, so the consumer is untouched. The float tensor
+    is removed: no full-precision copy of a quantized weight is left.
+
+    Returns:
+        ``{"encoded": n, "by_format": {...}, "float_bytes_removed": b, "stored_bytes": b}``.
+
+    Raises:
+        RuntimeError: a layer's weight was not found, or its codes do not reproduce it (a bug).
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers = _consumers(graph)
+    stats = {"encoded": 0, "by_format": collections.Counter(), "float_bytes_removed": 0, "stored_bytes": 0}
+    new_nodes, drop, seen = [], set(), set()
+    for node in graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        layer = _module_of(node)
+        if layer not in codecs:
+            continue
+        wname = node.input[1]
+        if wname not in inits or len(consumers.get(wname, [])) != 1:
+            raise RuntimeError(f"{node.name}: weight {wname!r} of quantized layer {layer} is not a private "
+                               f"initializer; cannot encode it")
+        c = codecs[layer]
+        w = numpy_helper.to_array(inits[wname]).astype(np.float32)
+        codes, scale, axis, block = c["codes"], np.asarray(c["scale"], np.float32), c["axis"], c.get("block")
+        perm = _weight_layout(node)
+        if perm is not None:
+            codes = np.ascontiguousarray(np.transpose(codes, perm))
+            if scale.ndim == codes.ndim:
+                scale = np.ascontiguousarray(np.transpose(scale, perm))
+            if axis is not None:
+                axis = perm.index(axis)
+        if codes.shape != w.shape:
+            raise RuntimeError(f"{node.name}: codes {codes.shape} vs exported weight {w.shape}")
+        deq = _dequantize(codes, scale, axis, block)
+        tol = 1e-5 * float(np.abs(w).max() or 1.0)
+        err = float(np.abs(deq - w).max())
+        if err > tol:
+            raise RuntimeError(f"{node.name}: {c['format']} codes reproduce the exported weight only to {err:.3g} "
+                               f"(tolerance {tol:.3g})")
+        qname = wname + "_quantized"
+        sname = wname + "_scale"
+        graph.initializer.append(numpy_helper.from_array(codes, qname))
+        graph.initializer.append(numpy_helper.from_array(scale.reshape(-1) if (axis is not None and not block)
+                                                         else scale, sname))
+        attrs = {}
+        if axis is not None:
+            attrs["axis"] = axis
+        if block:
+            attrs["block_size"] = int(block)
+        new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [wname],
+                                          name=f"{node.name}_weight_dq", **attrs))
+        drop.add(wname)
+        seen.add(layer)
+        stats["encoded"] += 1
+        stats["by_format"][c["format"]] += 1
+        stats["float_bytes_removed"] += w.nbytes
+        stats["stored_bytes"] += int(np.prod(codes.shape) * (0.5 if c["format"] == "int4" else 1)) + scale.nbytes
+    missing = sorted(set(codecs) - seen)
+    if missing:
+        raise RuntimeError(f"quantized layers not found in the ONNX graph: {missing[:5]} ({len(missing)} total)")
+    keep = [i for i in graph.initializer if i.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    nodes = new_nodes + list(graph.node)  # producers before consumers
+    del graph.node[:]
+    graph.node.extend(nodes)
+    stats["by_format"] = dict(stats["by_format"])
+    return stats
+
+
+def rewrite_trt_fp8(model) -> int:
+    """Rewrite ModelOpt's ``trt::TRT_FP8QuantizeLinear/DequantizeLinear`` as standard ONNX Q/DQ.
+
+    Standard QuantizeLinear/DequantizeLinear with an FLOAT8E4M3FN zero point (opset >= 19) mean
+    the same (``saturate(x / scale)`` to E4M3, then ``q x scale``), and ONNX Runtime and TensorRT
+    both load them, where the TensorRT-domain ops load nowhere but TensorRT.
+
+    Returns:
+        Number of nodes rewritten.
+    """
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    zp = "adm_fp8_zero_point"
+    n = 0
+    for node in graph.node:
+        if node.domain == "trt" and node.op_type in ("TRT_FP8QuantizeLinear", "TRT_FP8DequantizeLinear"):
+            node.op_type = node.op_type.replace("TRT_FP8", "")
+            node.domain = ""
+            if len(node.input) == 2:
+                node.input.append(zp)
+            n += 1
+    if n:
+        graph.initializer.append(helper.make_tensor(zp, TensorProto.FLOAT8E4M3FN, [], [0.0]))
+        # The exporter typed the custom ops' outputs on its own; let consumers infer them again.
+        del graph.value_info[:]
+    leftover = [x.op_type for x in graph.node if x.domain == "trt"]
+    if leftover:
+        raise RuntimeError(f"TensorRT-domain ops left after the FP8 rewrite: {sorted(set(leftover))}")
+    keep = [o for o in model.opset_import if o.domain != "trt"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return n
+
+
+def set_opset(model, opset: int) -> None:
+    """Convert the default-domain opset (e.g. 17 -> 21 for INT4 / FP8 Q/DQ), keeping other domains."""
+    from onnx import version_converter
+
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current == opset:
+        return
+    converted = version_converter.convert_version(model, opset)
+    model.CopyFrom(converted)
+
+
+def float_copies_of_quantized_weights(model) -> list[str]:
+    """Float initializers holding the dequantized values of a low-bit weight (should be none)."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    floats = [i for i in graph.initializer if i.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
+              and len(i.dims) >= 2]
+    by_size = collections.defaultdict(list)
+    for f in floats:
+        by_size[int(np.prod(f.dims))].append(f)
+    hits = []
+    for n in graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        q = inits[n.input[0]]
+        if q.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16):
+            hits.append(q.name)
+            continue
+        size = int(np.prod(q.dims))
+        cand = by_size.get(size, [])
+        if not cand:
+            continue
+        codes = numpy_helper.to_array(q).astype(np.float32)
+        views = [codes.reshape(-1)]
+        if codes.ndim == 2:
+            views.append(codes.T.reshape(-1))  # a linear layer's weight is also held transposed
+        for f in cand:
+            v = numpy_helper.to_array(f).astype(np.float32).reshape(-1)
+            # A float copy is proportional to the codes (per channel or block): a near-perfect
+            # correlation is scale-free and cheap to test.
+            if any(np.std(v) > 0 and np.std(c) > 0 and abs(np.corrcoef(v, c)[0, 1]) > 0.98 for c in views):
+                hits.append(f.name)
+    return hits

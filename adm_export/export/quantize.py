@@ -12,14 +12,16 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import warnings
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, check_same_model, manifest_digest, read_manifest, write_manifest
 from adm_export.calibration.cache import CalibrationCache, load_cache
 from adm_export.config import QuantizeConfig, to_dict
-from adm_export.errors import require
+from adm_export.errors import InvalidInputError, require
 from adm_export.export import recipes
+from adm_export.export.policy import summary as pol_summary
 from adm_export.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,39 @@ def run_denoiser(adapter, module, inputs: dict):
         return adapter.export_module(module)(*inputs.values())
 
 
-def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig):
-    """Return a quantized copy of the adapter's denoiser, calibrated by replaying the cache."""
+def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig, plans=None):
+    """Return a quantized copy of the adapter's denoiser, calibrated by replaying the cache.
+
+    Args:
+        adapter: The model adapter.
+        cache: Calibration cache.
+        cfg: Quantization settings.
+        plans: Per-layer plans (``policy.LayerPlan``); default: the preset's, resolved on the model.
+    """
+    if plans is None:
+        plans, _, _ = plan_layers(cfg, adapter)
+    return quantize_with_plans(adapter, list(cache.points()), plans, cfg.placement)
+
+
+def output_quantized_layers(plans, placement) -> list[str]:
+    """Layers whose output gets an INT8 quantizer: INT8 convolutions under ONNX Runtime placement.
+
+    ONNX Runtime runs an integer convolution (QLinearConv) only for DQ -> Conv -> Q. Linear layers
+    already run as MatMulIntegerToFloat without it, so only convolutions pay the extra rounding.
+    """
+    from adm_export.config import Placement
+
+    if Placement(placement) != Placement.ONNXRUNTIME:
+        return []
+    return [p.name for p in plans if p.kind == "conv" and p.format == "int8"]
+
+
+def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"):
+    """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``."""
+    from adm_export.export import policy as pol
+
     mtq, _ = _mtq()
     model = copy.deepcopy(adapter.denoiser).eval()
-    points = list(cache.points())
 
     def forward_loop(m):
         wrapped = adapter.export_module(m)
@@ -66,10 +96,97 @@ def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig):
 
     import torch
 
+    qcfg = pol.compile_quant_cfg(plans, output_quantized_layers(plans, placement))
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-        mtq.quantize(model, recipes.quant_config(cfg.precision), forward_loop)
+        mtq.quantize(model, qcfg, forward_loop)
     round_high_precision_weights(model)
+    check_realized(model, plans)
     return model
+
+
+def check_realized(model, plans) -> None:
+    """Fail loudly if ModelOpt's quantizers do not implement the plan (a compile bug, not user error)."""
+    layers = dict(model.named_modules())
+    for p in plans:
+        m = layers[p.name]
+        wq = getattr(m, "weight_quantizer", None)
+        on = wq is not None and getattr(wq, "is_enabled", False)
+        want = p.weight != "fp16"
+        if on != want:
+            raise RuntimeError(f"layer {p.name}: weight quantizer {'on' if on else 'off'}, plan says {p.weight}")
+        if on:
+            bits = {"int8": 8, "fp8": (4, 3), "int4": 4}[p.weight]
+            got = tuple(wq.num_bits) if isinstance(wq.num_bits, (tuple, list)) else wq.num_bits
+            if got != bits:
+                raise RuntimeError(f"layer {p.name}: weight quantizer has {wq.num_bits} bits, plan says {p.weight}")
+
+
+def plan_layers(cfg: QuantizeConfig, adapter):
+    """Resolve the policy (preset or ``--policy``) on the denoiser and check it against ``--target``.
+
+    Returns:
+        ``(plans, policy, capability_report)``; ``auto`` layers are left for the search.
+    """
+    from adm_export.export import capabilities, policy as pol
+
+    policy = pol.load_policy(cfg.policy) if cfg.policy else pol.preset(cfg.precision.value)
+    if policy.searched and cfg.size_budget is None:
+        raise InvalidInputError(f"policy {policy.name!r} leaves formats to the search ('auto'); give --size-budget F")
+    plans = pol.resolve(policy, adapter.denoiser)
+    modules = {n: m for n, _, m in pol.compute_layers(adapter.denoiser)}
+    fixed = [p for p in plans if p.format != "auto"]
+    flag = "--policy" if cfg.policy else f"--precision {cfg.precision.value}"
+    checked, report = capabilities.check_plans(fixed, cfg.target, cfg.allow_adjust, modules, policy.int4_convs, flag)
+    by_name = {p.name: p for p in checked}
+    plans = [by_name.get(p.name, p) for p in plans]
+    report["fallbacks"] = [{"layer": p.name, "requested": p.requested, "format": p.format, "why": p.why}
+                           for p in plans if p.format not in (p.requested, "auto")
+                           and p.name not in {c["layer"] for c in report["changes"]}]
+    return plans, policy, report
+
+
+def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, policy, references_for):
+    """Sensitivity search for the ``auto`` layers; returns ``(plans, search_report)``."""
+    from adm_export.export import capabilities, policy as pol, sensitivity
+
+    modules = {n: m for n, _, m in pol.compute_layers(adapter.denoiser)}
+    auto = [p for p in plans if p.format == "auto"]
+    fixed = [p for p in plans if p.format != "auto"]
+    candidates = {p.name: capabilities.allowed_formats(cfg.target, p.kind, p.candidates) or ["fp16"] for p in auto}
+    calib = list(cache.points())
+    from adm_export.export.onnx import parity_points
+
+    eval_points = parity_points(cache, cfg.sensitivity_points)
+    refs = references_for(eval_points)
+
+    def quantize_fn(trial, pts):
+        return quantize_with_plans(adapter, pts, [*fixed, *trial], "tensorrt")
+
+    table = sensitivity.measure(adapter, calib, eval_points, auto, candidates, quantize_fn, refs, policy.int4_convs)
+    params = adapter.denoiser_parameter_count()
+    fp32 = 4 * params
+    # Bytes not owned by a searched layer: FP32 non-layer parameters (biases, norms) and the
+    # fixed layers in their formats; the searched layers share what the budget leaves.
+    layer_params = sum(p.params for p in plans)
+    fixed_bytes = 4 * (params - layer_params) + sum(p.weight_bytes() for p in fixed)
+    budget = cfg.size_budget * fp32 * (1 - GRAPH_OVERHEAD) - fixed_bytes
+    if budget <= 0:
+        raise InvalidInputError(
+            f"--size-budget {cfg.size_budget} is infeasible: the layers outside the search already take "
+            f"{fixed_bytes / fp32:.1%} of the FP32 size; raise --size-budget")
+    chosen, ranking, solution = sensitivity.choose(auto, table, candidates, budget, modules, policy.int4_convs)
+    by_name = {p.name: p for p in chosen}
+    plans = [by_name.get(p.name, p) for p in plans]
+    predicted_bytes = 4 * (params - layer_params) + sum(p.weight_bytes() for p in plans)
+    solution.update({"budget_fraction": cfg.size_budget, "fp32_bytes": fp32, "fixed_bytes": fixed_bytes,
+                     "predicted_weight_bytes": predicted_bytes, "predicted_fraction": predicted_bytes / fp32,
+                     "graph_overhead_reserved": GRAPH_OVERHEAD, "eval_points": len(eval_points),
+                     "calibration_points": len(calib), "candidates": sorted({f for c in candidates.values() for f in c})})
+    return plans, {"ranking": ranking, "solution": solution}
+
+
+# Share of the budget kept free for what the ONNX file holds besides weights (graph, shapes, names).
+GRAPH_OVERHEAD = 0.01
 
 
 def round_high_precision_weights(model) -> int:
@@ -132,17 +249,35 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
     cache = load_cache(calibration, adapter.identity())
     _, mto = _mtq()
 
-    # 2. Full-precision reference outputs on the cached points, for the quantization error.
+    # 2. The per-layer plan: policy (preset or --policy) checked against --target.
+    plans, policy, capability = plan_layers(cfg, adapter)
+
+    # 3. Full-precision reference outputs on the cached points, for the quantization error.
     reference = [run_denoiser(adapter, adapter.denoiser, p) for p in cache.points()]
 
-    # 3. Quantize a copy, calibrated on the cache.
-    model = quantize_denoiser(adapter, cache, cfg)
+    # 4. Mixed precision: sensitivity per layer and the budget solver choose the 'auto' layers.
+    search = None
+    if policy.searched:
+        plans, search = search_mixed(cfg, adapter, cache, plans, policy,
+                                     lambda pts: [run_denoiser(adapter, adapter.denoiser, p) for p in pts])
+
+    # 5. Quantize a copy with the final plan, calibrated on the cache.
+    model = quantize_with_plans(adapter, list(cache.points()), plans, cfg.placement)
     errors = [rel_l2(run_denoiser(adapter, model, p), ref) for p, ref in zip(cache.points(), reference)]
     counts = quantizer_counts(model)
     logger.info("quantized %s: %d weight and %d input quantizers; error vs full precision: mean %.4f, max %.4f",
                 cfg.precision.value, counts["weight"], counts["input"], sum(errors) / len(errors), max(errors))
+    if search is not None:
+        from adm_export.export.onnx import parity_points
 
-    # 4. Save the ModelOpt state with its weights.
+        pts = parity_points(cache, cfg.sensitivity_points)
+        measured = [rel_l2(run_denoiser(adapter, model, p), run_denoiser(adapter, adapter.denoiser, p)) for p in pts]
+        search["solution"]["measured_rel_l2"] = math.sqrt(sum(e * e for e in measured) / len(measured))
+        logger.info("mixed: predicted error %.4f, measured %.4f; weights %.1f%% of FP32 (budget %.0f%%)",
+                    search["solution"]["predicted_rel_l2"], search["solution"]["measured_rel_l2"],
+                    100 * search["solution"]["predicted_fraction"], 100 * cfg.size_budget)
+
+    # 6. Save the ModelOpt state with its weights.
     with atomic_dir(out, force=force) as tmp:
         with contextlib.redirect_stdout(io.StringIO()):
             mto.save(model, str(tmp / STATE_FILE))
@@ -150,7 +285,13 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
             tmp, STAGE, adapter.identity(), to_dict(cfg),
             inputs={"calibration": manifest_digest(cal_manifest)},
             extra={
-                "recipe": recipes.describe(cfg.precision),
+                "recipe": recipes.describe(cfg.precision, policy),
+                "layers": [p.to_dict() for p in plans],
+                "formats": pol_summary(plans),
+                "capability": capability,
+                "search": search,
+                "placement": cfg.placement.value,
+                "output_quantized": output_quantized_layers(plans, cfg.placement),
                 "quantizers": counts,
                 "quant_error_rel_l2": {"per_point": errors, "mean": sum(errors) / len(errors), "max": max(errors)},
                 "calibration_points": len(cache),
