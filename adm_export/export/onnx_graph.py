@@ -240,12 +240,19 @@ def qdq_report(model) -> dict:
 
 
 # -- low-bit weight encoding (every format) ------------------------------------------------------
-def _module_of(node) -> str | None:
-    """Module path of a compute node named by the TorchScript exporter (``/unet/a.0/b/Conv``)."""
+def _module_of(node, scope_prefix: str | None = "unet") -> str | None:
+    """Module path of a compute node named by the TorchScript exporter (``/unet/a.0/b/Conv``).
+
+    ``scope_prefix`` is the wrapper attribute the exported module holds the denoiser under (the
+    adapters' export modules call it ``unet``); it is not part of the layer name.
+    """
     parts = node.name.split("/")
-    if len(parts) < 4 or parts[-1] != node.op_type:
+    if len(parts) < 3 or parts[0] != "" or parts[-1] != node.op_type:
         return None
-    return ".".join(parts[2:-1])
+    path = parts[1:-1]
+    if scope_prefix and path and path[0] == scope_prefix:
+        path = path[1:]
+    return ".".join(path) or None
 
 
 def _weight_layout(node) -> tuple[int, ...] | None:
@@ -270,7 +277,7 @@ def _dequantize(codes: np.ndarray, scale: np.ndarray, axis: int | None, block: i
     return x * scale.astype(np.float32).reshape(shape)
 
 
-def encode_weights(model, codecs: dict[str, dict]) -> dict:
+def encode_weights(model, codecs: dict[str, dict], scope_prefix: str | None = "unet") -> dict:
     """Replace the float weight of every quantized layer by low-bit codes feeding DequantizeLinear.
 
     The model was exported with each quantized layer's weight already equal to its fake-quant
@@ -299,7 +306,7 @@ def encode_weights(model, codecs: dict[str, dict]) -> dict:
     for node in graph.node:
         if node.op_type not in COMPUTE_OPS:
             continue
-        layer = _module_of(node)
+        layer = _module_of(node, scope_prefix)
         if layer not in codecs:
             continue
         wname = node.input[1]
