@@ -463,6 +463,56 @@ def inspect(folder):
     click.echo(describe(folder))
 
 
+@cli.command()
+@click.argument("build_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--baseline", "-b", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Committed baseline report (from --write-baseline or ci-gate.sh --update-baseline).")
+@click.option("--fd-tolerance", type=float, default=10.0, show_default=True,
+              help="Allowed rise of the FD increase over the baseline's, in percentage points.")
+@click.option("--size-tolerance", type=float, default=1.0, show_default=True,
+              help="Allowed growth of the exported U-Net, in percent.")
+@click.option("--layer-tolerance", type=float, default=5.0, show_default=True,
+              help="Allowed drop of quantized compute layers, in percent.")
+@click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the diff table as Markdown to this file.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the comparison as JSON to this file.")
+@click.option("--write-baseline", is_flag=True, help="Write BUILD_DIR's report to --baseline instead of comparing.")
+@click.option("--build-arg", "build_args", multiple=True,
+              help="With --write-baseline: a build argument to record (repeat; e.g. --build-arg=--num-clips).")
+@click.option("--show-build-args", is_flag=True, help="Print the baseline's recorded build arguments, one per line.")
+@handle_errors
+def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, summary, json_out, write_baseline,
+            build_args, show_build_args):
+    """CI quality gate: compare a build folder with a baseline report (exit 0 ok, 2 regression, 1 error)."""
+    from adm_export import ci_gate
+    from adm_export.artifacts import write_json
+    from adm_export.errors import InvalidInputError
+
+    if show_build_args:
+        click.echo("\n".join(ci_gate.baseline_build_args(baseline)))
+        return
+    if build_dir is None:
+        raise InvalidInputError("missing BUILD_DIR: give the output folder of adm-export build")
+    if write_baseline:
+        baseline.parent.mkdir(parents=True, exist_ok=True)
+        write_json(baseline, ci_gate.make_baseline(build_dir, build_args))
+        click.echo(f"baseline written: {baseline}")
+        return
+    tol = ci_gate.GateTolerances(fd_increase_pp=fd_tolerance, size_pct=size_tolerance,
+                                 quantized_layers_pct=layer_tolerance)
+    base = ci_gate.load_baseline(baseline)
+    report, settings = ci_gate.load_build(build_dir)
+    result = ci_gate.compare(report, settings, base, tol, baseline_path=baseline)
+    click.echo(ci_gate.format_table(result))
+    if summary is not None:
+        summary.write_text(ci_gate.format_markdown(result))
+    if json_out is not None:
+        write_json(json_out, {**result.to_dict(), "baseline": str(baseline), "build": str(build_dir)})
+    if not result.passed:
+        sys.exit(EXIT_GATE_FAILED)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="adm-export")
