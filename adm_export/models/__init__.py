@@ -12,7 +12,20 @@ from adm_export.models.base import DenoiserSpec, ModelAdapter, TensorSpec
 logger = logging.getLogger(__name__)
 
 # diffusers pipeline class name -> adapter family
-_PIPELINE_FAMILIES = {"AudioLDMPipeline": "audioldm"}
+_PIPELINE_FAMILIES = {"AudioLDMPipeline": "audioldm", "AudioLDM2Pipeline": "audioldm2"}
+
+# family -> "module:AdapterClass"
+_ADAPTERS = {
+    "audioldm2": "adm_export.models.audioldm2:AudioLDM2Adapter",
+    "tango": "adm_export.models.tango:TangoAdapter",
+    "make_an_audio": "adm_export.models.make_an_audio:MakeAnAudioAdapter",
+}
+
+# Local folders in a family's own published layout (not diffusers folders):
+# family -> (module, detector(path) -> bool, loader(path) -> pipeline)
+_FOLDER_FORMATS = {
+    "tango": ("adm_export.models.tango", "is_tango_folder", "load_tango_folder"),
+}
 
 
 def _adapter_class(family: str) -> type[ModelAdapter]:
@@ -20,7 +33,14 @@ def _adapter_class(family: str) -> type[ModelAdapter]:
         from adm_export.models.audioldm import AudioLDMAdapter
 
         return AudioLDMAdapter
-    raise ModelNotFoundError(f"model family {family!r} is not supported yet; supported: audioldm")
+    if family in _ADAPTERS:
+        import importlib
+
+        module, name = _ADAPTERS[family].split(":")
+        return getattr(importlib.import_module(module), name)
+    raise ModelNotFoundError(
+        f"model family {family!r} is not supported yet; supported: {', '.join(['audioldm', *_ADAPTERS])}"
+    )
 
 
 def embedded_names() -> list[str]:
@@ -51,10 +71,25 @@ def load_model(model_id: str, device: str = "cpu", revision: str | None = None) 
         family, build = EMBEDDED[model_id]
         pipeline = build()
     else:
-        family, pipeline = _load_pretrained(model_id, revision)
+        found = _load_published_folder(model_id)
+        family, pipeline = found if found is not None else _load_pretrained(model_id, revision)
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     return _adapter_class(family)(model_id, pipeline, revision)
+
+
+def _load_published_folder(model_id: str):
+    """``(family, pipeline)`` for a local folder in a family's published layout, else None."""
+    import importlib
+
+    path = Path(model_id)
+    if not path.is_dir() or (path / "model_index.json").exists():
+        return None
+    for family, (module, detect, load) in _FOLDER_FORMATS.items():
+        mod = importlib.import_module(module)
+        if getattr(mod, detect)(path):
+            return family, getattr(mod, load)(path)
+    return None
 
 
 def _load_pretrained(model_id: str, revision: str | None):

@@ -171,3 +171,312 @@ def build_tiny_audioldm(seed: int = 0):
 EMBEDDED = {
     "tiny-audioldm": ("audioldm", build_tiny_audioldm),
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# Cross-attention families (AudioLDM2, TANGO, Make-An-Audio): components shared by their tiny builds
+# ------------------------------------------------------------------------------------------------
+
+
+def _quiet_diffusers():
+    """Context manager silencing diffusers' deprecation warnings during a build."""
+    import contextlib
+
+    from diffusers.utils import logging as dlogging
+
+    @contextlib.contextmanager
+    def quiet():
+        verbosity = dlogging.get_verbosity()
+        dlogging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            dlogging.set_verbosity(verbosity)
+
+    return quiet()
+
+
+def _tiny_mel_vae(seed: int, latent_channels: int = 8, widths=(16, 32, 32), attention_levels: int = 0):
+    """A small diffusers ``AutoencoderKL`` on 1-channel mel spectrograms (downsampling 2^(levels-1)).
+
+    ``attention_levels`` turns the last levels into attention blocks, as in Make-An-Audio's VAE.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    n = len(widths)
+    down = ["DownEncoderBlock2D"] * (n - attention_levels) + ["AttnDownEncoderBlock2D"] * attention_levels
+    up = ["AttnUpDecoderBlock2D"] * attention_levels + ["UpDecoderBlock2D"] * (n - attention_levels)
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        block_out_channels=tuple(widths),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=256,
+    )
+
+
+def _tiny_hifigan(seed: int, mel_bins: int = MEL_BINS, upsample_rates=(5, 4, 4, 2), kernels=(10, 8, 8, 4)):
+    """A small ``SpeechT5HifiGan`` at 16 kHz (hop = product of ``upsample_rates``)."""
+    import torch
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    torch.manual_seed(seed)
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=mel_bins,
+        sampling_rate=SAMPLING_RATE,
+        upsample_initial_channel=32,
+        upsample_rates=list(upsample_rates),
+        upsample_kernel_sizes=list(kernels),
+        resblock_kernel_sizes=[3],
+        resblock_dilation_sizes=[[1, 3]],
+        normalize_before=False,
+    ))
+    # As in tiny-audioldm: PyTorch's default init keeps an audible signal through the layers.
+    for m in vocoder.modules():
+        if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d)):
+            m.reset_parameters()
+    return vocoder
+
+
+def _tiny_t5(seed: int, vocab_size: int, d_model: int = 32):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=2 * d_model, d_kv=d_model // 2,
+                                   num_heads=2, num_layers=2, pad_token_id=0, eos_token_id=1,
+                                   decoder_start_token_id=0))
+
+
+def tiny_audioldm2_unet_config() -> dict:
+    """U-Net config of ``tiny-audioldm2``: AudioLDM2's structure (a DownBlock, then cross-attention
+    blocks with [self-attention, GPT-2 stream, T5 stream] transformers, head width 32) at widths 32/64/64."""
+    widths = (32, 64, 64)
+    return dict(
+        sample_size=64,
+        in_channels=8,
+        out_channels=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=1,
+        norm_num_groups=32,
+        # [None, GPT-2 width, T5 width] per block, as the published config (with 768 and 1024).
+        cross_attention_dim=tuple([None, 32, 32] for _ in widths),
+        # AudioLDM2UNet2DConditionModel reads attention_head_dim as the number of heads.
+        attention_head_dim=tuple(max(1, w // 32) for w in widths),
+    )
+
+
+def audioldm2_unet_config() -> dict:
+    """U-Net config of the published AudioLDM2 (cvssp/audioldm2: widths 128/256/384/640, head width 32,
+    GPT-2 (768) and FLAN-T5-large (1024) streams), from the original config's conversion."""
+    widths = (128, 256, 384, 640)
+    return dict(
+        sample_size=256,
+        in_channels=8,
+        out_channels=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=2,
+        cross_attention_dim=tuple([None, 768, 1024] for _ in widths),
+        attention_head_dim=tuple(w // 32 for w in widths),
+    )
+
+
+def build_tiny_audioldm2(seed: int = 0):
+    """Build the ``tiny-audioldm2`` pipeline with seeded random weights.
+
+    Every AudioLDM2 component at toy width: CLAP (text and audio towers; the pipeline calls
+    ``get_text_features``), FLAN-T5 encoder with a local character tokenizer, the projection
+    model, GPT-2 (``GPT2Model``, as the published checkpoints, generating 8 tokens), the
+    two-stream U-Net, mel VAE and HiFi-GAN vocoder, DDIM with AudioLDM2's betas.
+
+    Returns:
+        A diffusers ``AudioLDM2Pipeline`` in float32 on the CPU.
+    """
+    import torch
+    from diffusers import AudioLDM2Pipeline, AudioLDM2ProjectionModel, AudioLDM2UNet2DConditionModel, DDIMScheduler
+    from transformers import ClapAudioConfig, ClapConfig, ClapModel, ClapTextConfig, GPT2Config, GPT2Model
+
+    from adm_export.models.conditioning import build_char_t5_tokenizer
+
+    # One token per character: 256 hold a whole augmented caption (the published T5 stops at 128
+    # SentencePiece tokens, about 500 characters).
+    tokenizer = build_byte_tokenizer()
+    tokenizer_2 = build_char_t5_tokenizer(model_max_length=256)
+    torch.manual_seed(seed)
+    unet = AudioLDM2UNet2DConditionModel(**tiny_audioldm2_unet_config())
+    vae = _tiny_mel_vae(seed + 1)
+    torch.manual_seed(seed + 2)
+    text_config = ClapTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                 num_attention_heads=2, num_hidden_layers=2, projection_dim=32,
+                                 max_position_embeddings=tokenizer.model_max_length + 3,
+                                 pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    audio_config = ClapAudioConfig(spec_size=64, window_size=4, num_mel_bins=64, intermediate_size=37,
+                                   depths=[2, 2], num_attention_heads=[2, 2], num_hidden_layers=2,
+                                   hidden_size=32, projection_dim=32, patch_size=2, patch_stride=2,
+                                   patch_embed_input_channels=4)
+    text_encoder = ClapModel(ClapConfig(text_config=text_config.to_dict(), audio_config=audio_config.to_dict(),
+                                        projection_dim=32))
+    text_encoder_2 = _tiny_t5(seed + 3, len(tokenizer_2))
+    torch.manual_seed(seed + 4)
+    language_model = GPT2Model(GPT2Config(n_embd=32, n_head=2, n_layer=2, vocab_size=2, n_positions=512,
+                                           bos_token_id=0, eos_token_id=1))
+    language_model.config.max_new_tokens = 8
+    torch.manual_seed(seed + 5)
+    projection_model = AudioLDM2ProjectionModel(text_encoder_dim=32, text_encoder_1_dim=32, langauge_model_dim=32)
+    vocoder = _tiny_hifigan(seed + 6)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0015, beta_end=0.0195,
+                              beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                              steps_offset=1)
+    with _quiet_diffusers():
+        pipe = AudioLDM2Pipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                 projection_model=projection_model, language_model=language_model,
+                                 tokenizer=tokenizer, tokenizer_2=tokenizer_2, feature_extractor=None,
+                                 unet=unet, scheduler=scheduler, vocoder=vocoder)
+    for module in (unet, vae, text_encoder, text_encoder_2, language_model, projection_model, vocoder):
+        module.eval()
+    return pipe
+
+
+EMBEDDED["tiny-audioldm2"] = ("audioldm2", build_tiny_audioldm2)
+
+
+# tiny-tango's VAE in TANGO's vae_config.json format (AudioLDM's layout: 3 levels, no attention
+# but the middle block, 8 latent channels) at width 32.
+TINY_TANGO_VAE_CONFIG = {
+    "image_key": "fbank", "subband": 1, "embed_dim": 8, "time_shuffle": 1, "scale_factor": 1.0,
+    "ddconfig": {"double_z": True, "z_channels": 8, "resolution": 256, "downsample_time": False, "in_channels": 1,
+                 "out_ch": 1, "ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
+                 "dropout": 0.0},
+}
+
+
+def tiny_tango_unet_config() -> dict:
+    """U-Net config of ``tiny-tango``: TANGO's layout (cross-attention blocks then a DownBlock,
+    linear projections, upcast attention, head width 32 here) at widths 32/64/64, T5 width 32."""
+    widths = (32, 64, 64)
+    return dict(
+        sample_size=64,
+        in_channels=8,
+        out_channels=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=widths,
+        layers_per_block=2,
+        norm_num_groups=32,
+        cross_attention_dim=32,
+        attention_head_dim=tuple(max(1, w // 32) for w in widths),
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
+
+
+def build_tiny_tango(seed: int = 0):
+    """Build the ``tiny-tango`` pipeline with seeded random weights.
+
+    TANGO's components at toy width: FLAN-T5-style encoder (local character tokenizer), the
+    text-masked cross-attention U-Net, AudioLDM-style mel VAE and HiFi-GAN, and TANGO's
+    scheduler (DDPM, SD 2.1 betas, v-prediction).
+
+    Returns:
+        A :class:`adm_export.models.tango.TangoPipeline` in float32 on the CPU.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from adm_export.models.conditioning import build_char_t5_tokenizer
+    from adm_export.models.ldm_vae import vae_config_from_ldm
+    from adm_export.models.tango import TANGO_SCHEDULER_CONFIG, _pipeline_class
+
+    tokenizer = build_char_t5_tokenizer(model_max_length=256)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_tango_unet_config())
+    # Through the LDM config mapping, as a published TANGO VAE is loaded.
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config_from_ldm(TINY_TANGO_VAE_CONFIG["ddconfig"], TINY_TANGO_VAE_CONFIG["embed_dim"],
+                                              TINY_TANGO_VAE_CONFIG["scale_factor"]))
+    text_encoder = _tiny_t5(seed + 2, len(tokenizer))
+    vocoder = _tiny_hifigan(seed + 3)
+    for module in (unet, vae, text_encoder, vocoder):
+        module.eval()
+    with _quiet_diffusers():
+        return _pipeline_class()(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                 scheduler=DDPMScheduler(**TANGO_SCHEDULER_CONFIG), vocoder=vocoder,
+                                 text_len=256)
+
+
+def tango_unet_config() -> dict:
+    """The published TANGO U-Net config (declare-lab/tango)."""
+    from adm_export.models.tango import TANGO_UNET_CONFIG
+
+    return dict(TANGO_UNET_CONFIG)
+
+
+EMBEDDED["tiny-tango"] = ("tango", build_tiny_tango)
+
+
+# tiny-make-an-audio's VAE in the LDM config format (the loader's input), Make-An-Audio's layout
+# (4 levels, attention at the two coarsest, 4 latent channels) at width 32.
+TINY_MAKE_AN_AUDIO_VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 624, "in_channels": 1, "out_ch": 1, "ch": 32,
+    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [78, 156], "dropout": 0.0,
+}
+
+
+def tiny_make_an_audio_unet_config() -> dict:
+    """U-Net config of ``tiny-make-an-audio``: Make-An-Audio's layout (2 levels, transformers at both,
+    GEGLU feed-forward, CLAP context) at 32 model channels, 1 ResBlock per level, 2 heads."""
+    return {
+        "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1, 2],
+        "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "transformer_depth": 1, "context_dim": 32,
+    }
+
+
+def build_tiny_make_an_audio(seed: int = 0):
+    """Build the ``tiny-make-an-audio`` pipeline with seeded random weights.
+
+    Make-An-Audio's U-Net (this package's implementation, public parameter names), its LDM VAE
+    layout (through the same LDM -> diffusers mapping as a real checkpoint), a BERT+projection CLAP
+    text tower (local character tokenizer, 77 tokens, no mask), DDIM on the LDM schedule. The
+    vocoder is a HiFi-GAN with BigVGAN's audio format (80 mels, hop 256, 16 kHz) standing in for
+    Make-An-Audio's BigVGAN, which is not implemented here.
+
+    Returns:
+        A :class:`adm_export.models.make_an_audio.MakeAnAudioPipeline` in float32 on the CPU.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import BertConfig
+
+    from adm_export.models import make_an_audio as maa
+    from adm_export.models.conditioning import build_char_bert_tokenizer
+    from adm_export.models.ldm_vae import vae_config_from_ldm
+
+    tokenizer = build_char_bert_tokenizer(model_max_length=maa.TEXT_LEN)
+    mods = maa._modules()
+    torch.manual_seed(seed)
+    unet = mods.UNetModel(**tiny_make_an_audio_unet_config())
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**vae_config_from_ldm(TINY_MAKE_AN_AUDIO_VAE_DDCONFIG, 4, 1.0))
+    torch.manual_seed(seed + 2)
+    text_encoder = mods.ClapTextEncoder(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=64,
+                                                   max_position_embeddings=maa.TEXT_LEN + 3), 32)
+    vocoder = _tiny_hifigan(seed + 3, mel_bins=maa.MEL_BINS, upsample_rates=(4, 4, 4, 4), kernels=(8, 8, 8, 8))
+    for module in (unet, vae, text_encoder, vocoder):
+        module.eval()
+    with _quiet_diffusers():
+        return maa._pipeline_class()(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     scheduler=DDIMScheduler(**maa.MAKE_AN_AUDIO_SCHEDULER_CONFIG), vocoder=vocoder)
+
+
+EMBEDDED["tiny-make-an-audio"] = ("make_an_audio", build_tiny_make_an_audio)
