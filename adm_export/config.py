@@ -94,6 +94,8 @@ class CalibrationConfig:
         seed: Seed of prompts, initial noise and selection.
         device: ``cpu`` or ``cuda``.
         augment: Expand the captions by coverage-driven augmentation (``False``: captions as given).
+        stats_quantiles: Quantiles of ``|x|`` reported per layer in the cache manifest's
+            activation-statistics summary (read from the recorded histograms).
     """
 
     model: str = DEFAULT_MODEL
@@ -107,9 +109,13 @@ class CalibrationConfig:
     seed: int = 0
     device: str = "cpu"
     augment: bool = True
+    stats_quantiles: tuple[float, ...] = (0.5, 0.99, 0.999, 0.9999)
 
     def __post_init__(self):
         object.__setattr__(self, "select", parse_enum(SelectMethod, self.select, "--select"))
+        object.__setattr__(self, "stats_quantiles", tuple(float(q) for q in self.stats_quantiles))
+        if not all(0.0 < q < 1.0 for q in self.stats_quantiles):
+            raise InvalidInputError(f"invalid stats_quantiles {self.stats_quantiles!r}: each must be in (0, 1)")
         _positive("--num-prompts", self.num_prompts)
         _positive("--steps", self.steps)
         _positive("--points", self.points)

@@ -7,27 +7,41 @@ denoiser inputs of the selected points, so quantization replays them without the
 
 Selection methods under the same budget K (``--select``):
 
+* ``activation`` (default): activation-aware selection (:mod:`adm_export.calibration.selection`)
+  on per-layer activation statistics recorded during the runs (:mod:`adm_export.calibration.stats`).
 * ``uniform``: evenly spaced steps (Q-Diffusion), prompts assigned round-robin.
 * ``random``: K distinct (prompt, step) pairs drawn uniformly.
 * ``normal``: steps drawn from a normal law centred mid-trajectory, sigma = steps / 4 (PTQ4DM),
   prompts drawn uniformly.
 * ``all``: every (prompt, step); K is ignored.
-* ``activation``: activation-aware selection (see ``calibration/selection``), when available.
 
-Index-based methods decide the (prompt, step) pairs before the sampler runs, so only the chosen
-denoiser inputs are ever kept in memory.
+Every method records the statistics (the manifest reports, for any method, the estimated input
+error and range coverage of its selection). Index-based methods decide the (prompt, step) pairs
+before the sampler runs, so one pass keeps only the chosen inputs. ``activation`` only knows its
+choice once every statistic is in, so it runs **two passes**: pass 1 records statistics and a
+64-bit hash of every denoiser input; pass 2 re-runs the sampler for the chosen prompts only, with
+the same seeds, stops each run after its last chosen step, keeps the chosen inputs and checks
+their hashes against pass 1 (the sampler is deterministic: same prompt and seed, same
+trajectory; a mismatch, possible with non-deterministic GPU kernels, is logged and counted in
+the manifest). Memory is the statistics (see :mod:`adm_export.calibration.stats`) plus the K
+kept points, independent of how many points were recorded; the price is at most one more
+sampler run per chosen prompt, cut after its last chosen step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from adm_export.artifacts import atomic_dir, write_manifest
 from adm_export.calibration.cache import STAGE, save_points
 from adm_export.calibration.prompts import build_prompt_set
+from adm_export.calibration.selection import select_activation, summarize
+from adm_export.calibration.stats import StatsRecorder
 from adm_export.config import CalibrationConfig, SelectMethod, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.progress import progress
@@ -77,6 +91,79 @@ def select_indices(method: SelectMethod, num_prompts: int, steps: int, points: i
     raise InvalidInputError(f"--select {method.value!r} is not an index-based method")
 
 
+class _StopSampler(Exception):
+    """Raised from the denoiser hook to end a replay run after its last wanted step."""
+
+
+def input_hash(inputs: dict[str, Any]) -> str:
+    """64-bit BLAKE2 hash of a denoiser call's inputs (exact bytes, in spec order)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, value in inputs.items():
+        h.update(name.encode())
+        h.update(value.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_trajectories(adapter, prompts: Sequence[str], cfg: CalibrationConfig,
+                     on_call: Callable[[int, int, dict], None], prompt_ids: Sequence[int] | None = None,
+                     stop_after: dict[int, int] | None = None, desc: str = "calibrate: sampling") -> int:
+    """Run the sampler on prompts and report every denoiser call.
+
+    Prompt ``p`` is sampled with seed ``cfg.seed + p`` (so a re-run of ``p`` alone reproduces its
+    trajectory), one prompt at a time (memory stays one trajectory).
+
+    Args:
+        adapter: Model adapter.
+        prompts: The prompt set.
+        cfg: Calibration settings (steps, audio length, guidance scale, seed).
+        on_call: ``on_call(prompt, step, named_inputs)`` before each denoiser call; the inputs
+            are the live tensors (clone what you keep).
+        prompt_ids: Which prompts to run (default: all).
+        stop_after: ``{prompt: step}``: end that prompt's run right after reporting this step
+            (its denoiser call is skipped, and so is the rest of the sampler).
+
+    Returns:
+        The number of denoiser calls made.
+    """
+    ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    calls = 0
+    for p in progress(ids, desc=desc, unit="prompt"):
+        step = 0
+        last = None if stop_after is None else stop_after.get(p)
+
+        def record(inputs, p=p, last=last):
+            nonlocal step
+            if step < cfg.steps:
+                on_call(p, step, inputs)
+            step += 1
+            if last is not None and step > last:
+                raise _StopSampler
+
+        with adapter.record_denoiser_calls(record):
+            try:
+                adapter.generate([prompts[p]], [cfg.seed + p], cfg.steps, cfg.audio_seconds, cfg.guidance_scale)
+            except _StopSampler:
+                pass
+            else:
+                if step != cfg.steps:
+                    logger.warning("sampler made %d denoiser calls for %d steps (prompt %d)", step, cfg.steps, p)
+        calls += min(step, cfg.steps)
+    return calls
+
+
+def _keep(kept: dict, wanted: set, hashes: dict | None = None) -> Callable[[int, int, dict], None]:
+    """An ``on_call`` that copies the inputs of wanted (prompt, step) pairs to the host."""
+    import torch
+
+    def on_call(p, s, inputs):
+        if (p, s) in wanted:
+            kept[(p, s)] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in inputs.items()}
+            if hashes is not None:
+                hashes[(p, s)] = input_hash(inputs)
+
+    return on_call
+
+
 def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adapter=None) -> dict:
     """Run the ``calibrate`` stage: prompts -> sampler trajectories -> selected points -> cache.
 
@@ -100,38 +187,59 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
     prompt_set = build_prompt_set(cfg.captions_file, cfg.num_prompts, cfg.seed, augment=cfg.augment,
                                   seeds_first=False)
     prompts = list(prompt_set.prompts)
-    if cfg.select == SelectMethod.ACTIVATION:
-        raise InvalidInputError(
-            "--select activation is not available in this version; use uniform, random, normal or all"
-        )
-    # 2. Which (prompt, step) pairs to keep.
-    wanted = select_indices(cfg.select, len(prompts), cfg.steps, cfg.points, cfg.seed)
-    wanted_set = set(wanted)
-    kept: dict[tuple[int, int], dict] = {}
     cfg_rows = 2 if cfg.guidance_scale > 1.0 else 1
+    kept: dict[tuple[int, int], dict] = {}
+    recorder = StatsRecorder(adapter.denoiser, len(prompts), cfg.steps)
+    extra_selection: dict[str, Any] = {}
 
-    # 3. Run the sampler, one prompt at a time (memory stays one trajectory), recording the
-    #    denoiser inputs of the wanted steps.
-    for p, prompt in progress(list(enumerate(prompts)), desc="calibrate: sampling", unit="prompt"):
-        step = 0
+    def with_stats(inner):
+        def on_call(p, s, inputs):
+            recorder.at(p, s)
+            inner(p, s, inputs)
+        return on_call
 
-        def record(inputs, p=p):
-            nonlocal step
-            if (p, step) in wanted_set:
-                kept[(p, step)] = {k: v.detach().to("cpu", torch.float32).clone() for k, v in inputs.items()}
-            step += 1
+    if cfg.select != SelectMethod.ACTIVATION:
+        # 2. Index-based: the (prompt, step) pairs are known up front; one pass records the
+        #    statistics and keeps the wanted inputs.
+        wanted = select_indices(cfg.select, len(prompts), cfg.steps, cfg.points, cfg.seed)
+        with recorder:
+            run_trajectories(adapter, prompts, cfg, with_stats(_keep(kept, set(wanted))))
+        stats = recorder.result()
+    else:
+        # 2a. Pass 1: statistics and input hashes of every denoiser call.
+        hashes: dict[tuple[int, int], str] = {}
 
-        with adapter.record_denoiser_calls(record):
-            adapter.generate([prompt], [cfg.seed + p], cfg.steps, cfg.audio_seconds, cfg.guidance_scale)
-        if step != cfg.steps:
-            logger.warning("sampler made %d denoiser calls for %d steps", step, cfg.steps)
+        def remember(p, s, inputs):
+            hashes[(p, s)] = input_hash(inputs)
 
-    # 4. Concatenate the kept points in (prompt, step) order and write the cache.
+        with recorder:
+            run_trajectories(adapter, prompts, cfg, with_stats(remember), desc="calibrate: statistics")
+        stats = recorder.result()
+        # 2b. Selection on the statistics.
+        result = select_activation(stats, cfg.points)
+        wanted = result.points
+        # 2c. Pass 2: replay the chosen prompts up to their last chosen step; keep those inputs.
+        last: dict[int, int] = {}
+        for p, s in wanted:
+            last[p] = max(last.get(p, -1), s)
+        replay_hashes: dict[tuple[int, int], str] = {}
+        calls = run_trajectories(adapter, prompts, cfg, _keep(kept, set(wanted), replay_hashes),
+                                 prompt_ids=sorted(last), stop_after=last, desc="calibrate: replay")
+        mismatches = sum(replay_hashes[key] != hashes[key] for key in wanted)
+        if mismatches:
+            logger.warning("replayed trajectories differ from pass 1 at %d of %d points (non-deterministic "
+                           "kernels?); the kept inputs are the replayed ones", mismatches, len(wanted))
+        extra_selection = {"activation": result.to_dict(),
+                           "replay": {"prompts": len(last), "denoiser_calls": calls,
+                                      "bit_exact": mismatches == 0, "mismatches": mismatches}}
+
+    # 3. Concatenate the kept points in (prompt, step) order and write the cache.
     names = [t.name for t in adapter.denoiser_spec().inputs]
     inputs = {n: torch.cat([kept[key][n] for key in wanted]) for n in names}
     prompt_index = torch.tensor([p for p, _ in wanted])
     step_index = torch.tensor([s for _, s in wanted])
     steps_hist = np.bincount(step_index.numpy(), minlength=cfg.steps).tolist()
+    summary = summarize(stats, wanted, quantiles=cfg.stats_quantiles)
     with atomic_dir(out, force=force) as tmp:
         save_points(tmp, inputs, prompt_index, step_index)
         manifest = write_manifest(
@@ -146,9 +254,14 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
                     "rows_per_point": cfg_rows,
                     "steps_histogram": steps_hist,
                     "prompts_used": len(set(prompt_index.tolist())),
+                    "estimated_input_error": summary["estimated_input_error"]["selected"],
+                    "range_coverage": summary["range_coverage"]["mean"],
+                    **extra_selection,
                 },
+                "statistics": summary,
             },
         )
-    logger.info("calibration cache: %d points (%s) from %d prompts x %d steps -> %s",
-                len(wanted), cfg.select.value, len(prompts), cfg.steps, out)
+    logger.info("calibration cache: %d points (%s) from %d prompts x %d steps -> %s; estimated input error "
+                "%.3g (all points %.3g)", len(wanted), cfg.select.value, len(prompts), cfg.steps, out,
+                summary["estimated_input_error"]["selected"], summary["estimated_input_error"]["all_points"])
     return manifest
