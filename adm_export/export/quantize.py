@@ -139,9 +139,15 @@ def plan_layers(cfg: QuantizeConfig, adapter):
     checked, report = capabilities.check_plans(fixed, cfg.target, cfg.allow_adjust, modules, policy.int4_convs, flag)
     by_name = {p.name: p for p in checked}
     plans = [by_name.get(p.name, p) for p in plans]
-    report["fallbacks"] = [{"layer": p.name, "requested": p.requested, "format": p.format, "why": p.why}
-                           for p in plans if p.format not in (p.requested, "auto")
-                           and p.name not in {c["layer"] for c in report["changes"]}]
+    changed = {c["layer"] for c in report["changes"]}
+    groups: dict = {}
+    for p in plans:
+        if p.format not in (p.requested, "auto") and p.name not in changed:
+            g = groups.setdefault((p.requested, p.format, p.kind), {"requested": p.requested, "format": p.format,
+                                                                     "kind": p.kind, "layers": 0, "example": p.name,
+                                                                     "why": p.why})
+            g["layers"] += 1
+    report["fallbacks"] = list(groups.values())
     return plans, policy, report
 
 
@@ -218,7 +224,8 @@ def quantizer_counts(model) -> dict:
     """Enabled weight/input/output quantizers, and the layers that carry a weight quantizer."""
     counts = {"weight": 0, "input": 0, "output": 0, "other": 0}
     for name, module in model.named_modules():
-        if type(module).__name__ != "TensorQuantizer" or not getattr(module, "is_enabled", False):
+        # TensorQuantizer and its subclasses (StaticBlockScaleQuantizer for INT4 blocks).
+        if not type(module).__name__.endswith("Quantizer") or not getattr(module, "is_enabled", False):
             continue
         kind = name.rsplit(".", 1)[-1].replace("_quantizer", "")
         counts[kind if kind in counts else "other"] += 1
