@@ -93,8 +93,8 @@ def ort_native_qdq(fp32: Path, out: Path, calibration: Path, adapter) -> None:
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            # Two points: ONNX Runtime's calibrator keeps every intermediate tensor of every sample.
-            self.it = iter([{k: v.numpy() for k, v in p.items()} for p in cache.points(limit=2)])
+            # One point (2 rows): ONNX Runtime's calibrator keeps every intermediate tensor of every sample.
+            self.it = iter([{k: v.numpy() for k, v in p.items()} for p in cache.points(limit=1)])
 
         def get_next(self):
             return next(self.it, None)
