@@ -216,7 +216,8 @@ def export_model_copy(model, codecs: dict):
     return exp
 
 
-def build_onnx(adapter, model, plans, codecs: dict, opset: int, example: dict, workdir: Path):
+def build_onnx(adapter, model, plans, codecs: dict, opset: int, example: dict, workdir: Path,
+               placement: Placement | str = Placement.TENSORRT):
     """Export the fake-quant denoiser and turn it into the compact standard-op ONNX model.
 
     Returns:
@@ -238,6 +239,8 @@ def build_onnx(adapter, model, plans, codecs: dict, opset: int, example: dict, w
     fold = onnx_graph.encode_weights(graph, codecs)
     fold["trt_fp8_rewritten"] = fp8_rewritten
     fold["fp16_storage"] = onnx_graph.store_float_weights_fp16(graph)
+    if Placement(placement) == Placement.ONNXRUNTIME:
+        fold["activations_to_uint8"] = onnx_graph.activations_to_uint8(graph)
     if opset > _TORCHSCRIPT_MAX_OPSET:
         # 20 -> 21 only widens the types of Q/DQ, Cast, Reshape, ...: no op changes meaning.
         for o in graph.opset_import:
@@ -302,7 +305,8 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     with atomic_dir(out, force=force) as tmp:
         # 2. Export (weights = their fake-quant values, activation Q/DQ from ModelOpt), then store
         #    each quantized weight as low-bit codes feeding DequantizeLinear.
-        graph, fold, raw_bytes = build_onnx(adapter, model, plans, codecs, opset, points[0], tmp)
+        graph, fold, raw_bytes = build_onnx(adapter, model, plans, codecs, opset, points[0], tmp,
+                                             cfg.placement)
         path = tmp / ONNX_FILE
         export_bytes = save_onnx(graph, path)
         report = onnx_graph.qdq_report(graph)

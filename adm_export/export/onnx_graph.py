@@ -252,7 +252,15 @@ def _module_of(node, scope_prefix: str | None = "unet") -> str | None:
     path = parts[1:-1]
     if scope_prefix and path and path[0] == scope_prefix:
         path = path[1:]
-    return ".".join(path) or None
+    # A child with a numeric name keeps its parent's name in its scope (nn.Sequential children:
+    # ".../in_layers/in_layers.2/Conv", Make-An-Audio's LDM U-Net): drop the repeated parent.
+    names: list[str] = []
+    for part in path:
+        if names and part.startswith(names[-1] + "."):
+            names[-1] = part
+        else:
+            names.append(part)
+    return ".".join(names) or None
 
 
 def _weight_layout(node) -> tuple[int, ...] | None:
@@ -442,3 +450,51 @@ def float_copies_of_quantized_weights(model) -> list[str]:
             if any(np.std(v) > 0 and np.std(c) > 0 and abs(np.corrcoef(v, c)[0, 1]) > 0.98 for c in views):
                 hits.append(f.name)
     return hits
+
+
+def activations_to_uint8(model) -> int:
+    """Re-express INT8 activation Q/DQ pairs (zero point 0) as UINT8 with zero point 128.
+
+    Exactly the same values (the symmetric INT8 grid -128..127 shifted by 128 is 0..255), but ONNX
+    Runtime's CPU provider fuses DQ -> Conv -> Q into QLinearConv only for UINT8 activations
+    (its Conv selector refuses signed activations where ``int8_allowed`` is off, as on this x86
+    build); INT8 weights stay INT8 (u8s8 kernels). Used for ``--placement onnxruntime`` only:
+    TensorRT wants signed symmetric Q/DQ.
+
+    Returns:
+        Number of Q/DQ nodes changed.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    prod = _producers(graph)
+    shifted: dict[str, str] = {}
+    n = 0
+
+    def u8(name):
+        if name not in shifted:
+            zp = numpy_helper.to_array(inits[name])
+            shifted[name] = name + "_u8"
+            graph.initializer.append(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8),
+                                                             shifted[name]))
+        return shifted[name]
+
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in inits or len(node.input) < 3:
+            continue
+        zp = inits.get(node.input[2])
+        if zp is None or zp.data_type != 3:  # TensorProto.INT8
+            continue
+        node.input[2] = u8(node.input[2])
+        n += 1
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in prod and prod[node.input[0]].op_type == "QuantizeLinear":
+            q = prod[node.input[0]]
+            if len(node.input) >= 3 and q.input[2].endswith("_u8"):
+                node.input[2] = q.input[2]
+                n += 1
+    if n:
+        del graph.value_info[:]
+    remove_unused_initializers(model)
+    return n

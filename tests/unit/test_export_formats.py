@@ -161,3 +161,51 @@ def test_weight_only_ops_are_not_reported_as_half_quantized(data, tmp_path):
     _, _, model, _ = _export("w4a16", data, tmp_path)
     report = onnx_graph.qdq_report(model)
     assert report["half_quantized"] == [] and report["weight_only_ops"] == 2
+
+
+def test_onnxruntime_placement_fuses_integer_convolution(data, tmp_path):
+    """DQ -> Conv -> Q with UINT8 activations: ONNX Runtime runs QLinearConv, with the same output."""
+    import collections
+
+    import torch
+
+    import modelopt.torch.quantization as mtq
+    from adm_export.export import onnx_graph, policy as pol
+    from adm_export.export.onnx import export_model_copy, weight_codecs
+    from adm_export.export.quantize import output_quantized_layers
+
+    wrapper = _net()
+    plans = pol.resolve(pol.preset("int8"), wrapper.unet)
+    outputs = output_quantized_layers(plans, "onnxruntime")
+    assert outputs == ["conv"] and output_quantized_layers(plans, "tensorrt") == []
+    q = copy.deepcopy(wrapper)
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(q.unet, pol.compile_quant_cfg(plans, outputs), lambda m: [m(x) for x in data])
+    codecs = weight_codecs(q.unet, plans)
+    exp = copy.deepcopy(q)
+    exp.unet = export_model_copy(q.unet, codecs)
+    path = tmp_path / "p.onnx"
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(exp, (data[0],), str(path), input_names=["x"], output_names=["y"], opset_version=17,
+                          dynamo=False)
+    model = onnx.load(str(path))
+    onnx_graph.constants_to_initializers(model)
+    onnx_graph.encode_weights(model, codecs)
+    signed = model.SerializeToString()
+    assert onnx_graph.activations_to_uint8(model) > 0
+    x = data[1].numpy()
+
+    def run(blob, optimized):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(optimized)
+        s = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+        ops = collections.Counter(n.op_type for n in onnx.load(str(optimized)).graph.node)
+        return s.run(None, {"x": x})[0], ops
+
+    y_signed, ops_signed = run(signed, tmp_path / "s.onnx")
+    y_u8, ops_u8 = run(model.SerializeToString(), tmp_path / "u.onnx")
+    assert ops_u8["QLinearConv"] == 1 and ops_u8["Conv"] == 0
+    assert ops_signed["QLinearConv"] == 0  # signed activations: ONNX Runtime leaves the Conv in float
+    np.testing.assert_allclose(y_u8, y_signed, rtol=0, atol=1e-6)  # the same numbers, only faster kernels
