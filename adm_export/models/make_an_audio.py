@@ -92,13 +92,16 @@ def _define_modules():  # noqa: C901  (one namespace of small module classes)
     from torch import nn
 
     class GroupNorm32(nn.GroupNorm):
-        """LDM's ``normalization()``: 32 groups, computed in float32."""
+        """LDM's ``normalization()``: 32 groups, computed in the parameters' precision (LDM keeps
+        them in float32 when the rest runs in float16)."""
 
         def __init__(self, channels: int, eps: float = 1e-5):
             super().__init__(32, channels, eps=eps)
 
         def forward(self, x):
-            return super().forward(x.float()).type(x.dtype)
+            if x.dtype != self.weight.dtype:
+                return super().forward(x.to(self.weight.dtype)).type(x.dtype)
+            return super().forward(x)
 
     def timestep_embedding(t, dim: int, max_period: float = 10000.0):
         """LDM's sinusoidal embedding: ``[cos(t f), sin(t f)]`` with ``f = max_period^(-i/half)``."""
@@ -462,6 +465,22 @@ def _define_pipeline():
     return MakeAnAudioPipeline
 
 
+def _export_module(unet):
+    """``(sample, timestep, context) -> noise``; the U-Net held as ``unet`` like every adapter's
+    export module (the export names ONNX nodes by module path under that attribute)."""
+    import torch
+
+    class MakeAnAudioDenoiser(torch.nn.Module):
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, context):
+            return self.unet(sample, timestep, context)
+
+    return MakeAnAudioDenoiser(unet)
+
+
 class MakeAnAudioAdapter(ModelAdapter):
     """Adapter of :class:`MakeAnAudioPipeline`.
 
@@ -498,8 +517,7 @@ class MakeAnAudioAdapter(ModelAdapter):
         }
 
     def export_module(self, denoiser=None):
-        # The U-Net's forward already takes (sample, timestep, context) positionally and returns the noise.
-        return denoiser if denoiser is not None else self.denoiser
+        return _export_module(denoiser if denoiser is not None else self.denoiser)
 
     def wrap_output(self, output):
         return output
