@@ -115,7 +115,9 @@ class GenerateConfig:
             raise InvalidInputError("empty --prompt ''; give some text, e.g. --prompt 'a dog barks'")
         if self.prompts_file:
             if not Path(self.prompts_file).is_file():
-                raise InvalidInputError(f"--prompts {self.prompts_file!r} is not a file; give a text file, one prompt a line")
+                raise InvalidInputError(
+                    f"--prompts {self.prompts_file!r} is not a file; give a text file, one prompt a line"
+                )
             try:
                 prompts += load_captions(self.prompts_file)
             except InvalidInputError as exc:
@@ -182,7 +184,9 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     if Path(out).exists() and any(Path(out).iterdir()) and not force:
         from adm_export.errors import OutputExistsError
 
-        raise OutputExistsError(f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder")
+        raise OutputExistsError(
+            f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
+        )
     # 2. The pipeline, its denoiser served by the engine.
     adapter = adapter or load_model(cfg.model, cfg.device)
     ctx = contextlib.nullcontext()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import sys
 import time
@@ -78,6 +79,11 @@ def prepare(size: str, adapter, args) -> dict:
         t0 = time.perf_counter()
         ort_native_qdq(fp32, native, work / "int8" / "calibration", adapter)
         info["ort_native_s"] = round(time.perf_counter() - t0, 1)
+    # Keep what earlier runs recorded about exports reused now (--reuse).
+    record = work / "prepare.json"
+    if record.is_file():
+        info = {**json.loads(record.read_text()), **info}
+    sc.write_json(record, info)
     info["paths"] = {"fp32": str(fp32), "int8": str(int8), "ort_native": str(native)}
     return info
 
@@ -129,31 +135,53 @@ def measure(size: str, adapter, info: dict, args, results: dict) -> None:
         ref = module(*x.values())
     params = adapter.denoiser_parameter_count()
 
-    def row(path, timing, out=None, **extra):
-        r = {"size": size, "params_m": round(params / 1e6, 1), "path": path, "batch": args.batch, "frames": frames,
-             **timing, **extra, "load_after": sc.cpu_load()["loadavg_1_5_15"]}
-        if out is not None:
-            r["rel_l2_vs_torch_fp32"] = round(rel_l2(out.float(), ref), 5)
-        rows.append(r)
-        log.info("%-10s %-34s %8.1f ms  (load %s)", size, path, r["median_ms"], r["load_after"])
-        sc.write_json(args.out / "speed_cpu.json", results)
-
-    load_before = sc.cpu_load()
-    with torch.inference_mode():
-        row("torch FP32", sc.cpu_time(lambda: module(*x.values()), args.warmup, args.iters), ref,
-            load_before=load_before["loadavg_1_5_15"])
+    # Every path is built first, then timed round-robin (one call of each path per round), so
+    # that the other users of this shared CPU slow every path alike and the ratios stay fair.
+    paths: dict = {"torch FP32": (lambda: module(*x.values()), ref, {})}
+    engines = []
     for key, label in (("fp32", "ONNX Runtime FP32"), ("int8", "ONNX Runtime INT8 Q/DQ (project export)"),
                        ("ort_native", "ONNX Runtime INT8 QDQ (ORT quantize_static)")):
         path = Path(info["paths"][key])
         if not path.is_file():
             continue
         engine = OrtEngine(path, spec, OrtOptions(provider="cpu", threads=args.threads))
-        out = engine(x)
-        kernels = ort_layer_precisions(path, "cpu", args.threads)["layer_precisions"]
-        row(label, sc.cpu_time(lambda: engine(x), args.warmup, args.iters), out, kernels=kernels,
-            file_mb=round(sum(p.stat().st_size for p in path.parent.glob("unet.onnx*")) / 1e6, 1))
-        del engine
-        gc.collect()
+        engines.append(engine)
+        extra = {"kernels": ort_layer_precisions(path, "cpu", args.threads)["layer_precisions"],
+                 "file_mb": round(sum(p.stat().st_size for p in path.parent.glob("unet.onnx*")) / 1e6, 1)}
+        paths[label] = ((lambda e=engine: e(x)), engine(x), extra)
+    load_before = sc.cpu_load()["loadavg_1_5_15"]
+    times = {label: [] for label in paths}
+    with torch.inference_mode():
+        for _ in range(args.warmup):
+            for fn, _, _ in paths.values():
+                fn()
+        for i in range(args.iters):
+            for label, (fn, _, _) in paths.items():
+                t0 = time.perf_counter()
+                fn()
+                times[label].append((time.perf_counter() - t0) * 1000)
+            log.info("%s round %d/%d: %s", size, i + 1, args.iters,
+                     {k: round(v[-1], 1) for k, v in times.items()})
+    load_after = sc.cpu_load()
+    fp32_ms = None
+    for label, (_, out, extra) in paths.items():
+        timing = sc._summary(times[label])
+        r = {"size": size, "params_m": round(params / 1e6, 1), "path": label, "batch": args.batch, "frames": frames,
+             "threads": args.threads, **timing, **extra, "rel_l2_vs_torch_fp32": round(rel_l2(out.float(), ref), 5),
+             "load_before": load_before, "load_after": load_after["loadavg_1_5_15"],
+             "busiest_processes_after": load_after["top_processes"]}
+        if label == "ONNX Runtime FP32":
+            fp32_ms = timing["median_ms"]
+        rows.append(r)
+    for r in rows:
+        if r["size"] == size and fp32_ms:
+            r["speedup_vs_ort_fp32"] = round(fp32_ms / r["median_ms"], 2)
+        if r["size"] == size:
+            log.info("%-10s %-44s %8.1f ms (min %.1f)  x%.2f vs ORT FP32", size, r["path"], r["median_ms"],
+                     r["min_ms"], r.get("speedup_vs_ort_fp32") or 0)
+    sc.write_json(args.out / "speed_cpu.json", results)
+    del engines
+    gc.collect()
 
 
 def main(argv=None) -> int:
@@ -178,8 +206,8 @@ def main(argv=None) -> int:
     results["load_at_end"] = sc.cpu_load()
     sc.write_json(args.out / "speed_cpu.json", results)
     cols = [("size", "model"), ("params_m", "params (M)"), ("path", "path"), ("median_ms", "median ms"),
-            ("p10_ms", "p10"), ("p90_ms", "p90"), ("rel_l2_vs_torch_fp32", "rel. L2 vs torch"), ("kernels", "compute ops"),
-            ("file_mb", "file MB"), ("load_after", "load avg after")]
+            ("min_ms", "min ms"), ("speedup_vs_ort_fp32", "x ORT FP32"), ("rel_l2_vs_torch_fp32", "rel. L2 vs torch"),
+            ("kernels", "compute ops"), ("file_mb", "file MB"), ("load_after", "load avg after")]
     print(sc.format_table(results["rows"], cols))
     return 0
 

@@ -113,8 +113,6 @@ class Race:
         self.save()
 
     def inputs(self, batch: int, dtype):
-        import torch
-
         x = self.spec.dummy_inputs(batch, self.frames, seed=batch)
         dev = self.device
         return {k: (v.to(dev) if k == "timestep" else v.to(dev, dtype)) for k, v in x.items()}
@@ -442,7 +440,8 @@ def main(argv=None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU; use --device cpu --smoke to check the script", file=sys.stderr)
+        print("error: --device cuda but torch sees no GPU; use --device cpu --smoke to check the script",
+              file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     race = Race(args)
