@@ -151,7 +151,8 @@ def plan_layers(cfg: QuantizeConfig, adapter):
     return plans, policy, report
 
 
-def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, policy, references_for):
+def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, policy, references_for,
+                 compare_auto_quantize: bool = True):
     """Sensitivity search for the ``auto`` layers; returns ``(plans, search_report)``."""
     from adm_export.export import capabilities, policy as pol, sensitivity
 
@@ -188,7 +189,10 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
                      "predicted_weight_bytes": predicted_bytes, "predicted_fraction": predicted_bytes / fp32,
                      "graph_overhead_reserved": GRAPH_OVERHEAD, "eval_points": len(eval_points),
                      "calibration_points": len(calib), "candidates": sorted({f for c in candidates.values() for f in c})})
-    return plans, {"ranking": ranking, "solution": solution}
+    comparison = None
+    if compare_auto_quantize:
+        comparison = sensitivity.auto_quantize_comparison(adapter, calib, eval_points, refs, 32 * cfg.size_budget)
+    return plans, {"ranking": ranking, "solution": solution, "modelopt_auto_quantize": comparison}
 
 
 # Share of the budget kept free for what the ONNX file holds besides weights (graph, shapes, names).

@@ -176,36 +176,52 @@ def choose(plans, table: dict[str, dict[str, float]], candidates: dict[str, list
                              "total_sensitivity": total_c, "predicted_rel_l2": math.sqrt(max(total_c, 0.0))}
 
 
-def auto_quantize_comparison(adapter, points: list[dict], budget_bits: float) -> dict:
-    """ModelOpt's own ``mtq.auto_quantize`` on the denoiser, for comparison (best effort on CPU).
+def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict], references: list,
+                             effective_bits: float) -> dict:
+    """ModelOpt's own ``mtq.auto_quantize`` on the denoiser, side by side with our search.
+
+    Its gradient-based per-layer scores use the loss ``MSE(output, full-precision output)`` on
+    the calibration points; its formats are ModelOpt's INT8, FP8 and INT4-blockwise (weight-only)
+    presets under an ``effective_bits`` constraint (``size_budget x 32`` bits per weight). Note
+    that its INT4 preset blocks along a weight's last axis, which for a 3x3 convolution is the
+    3-wide kernel axis; it only scores weights, not our exported byte count.
 
     Returns:
-        ``{"ran": bool, ...}`` with its per-layer choice counts, or the reason it did not run.
+        ``{"ran": True, "effective_bits", "recipes" (format -> layer count), "measured_rel_l2"}``,
+        or ``{"ran": False, "reason"}``.
     """
+    import collections
     import copy
 
     import torch
 
-    from adm_export.export.quantize import _mtq
+    from adm_export.export.quantize import _mtq, rel_l2, run_denoiser
 
     mtq, _ = _mtq()
     model = copy.deepcopy(adapter.denoiser).eval()
-    wrapped = adapter.export_module(model)
+    with torch.no_grad():
+        refs = [run_denoiser(adapter, adapter.denoiser, p) for p in points]
+    batches = [{"inputs": p, "ref": r} for p, r in zip(points, refs)]
 
     def forward_step(m, batch):
-        return wrapped(*batch.values())
+        return adapter.export_module(m)(*batch["inputs"].values())
 
     def loss_func(output, batch):
-        return output.float().pow(2).mean()
+        return torch.nn.functional.mse_loss(output.float(), batch["ref"].float())
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             model, state = mtq.auto_quantize(
-                model, constraints={"effective_bits": budget_bits},
+                model, constraints={"effective_bits": effective_bits},
                 quantization_formats=["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"],
-                data_loader=points, forward_step=forward_step, loss_func=loss_func,
-                num_calib_steps=len(points), num_score_steps=len(points), verbose=False)
+                data_loader=batches, forward_step=forward_step, loss_func=loss_func,
+                num_calib_steps=len(batches), num_score_steps=len(batches), verbose=False)
     except Exception as exc:  # noqa: BLE001 - a comparison must not break the build
         return {"ran": False, "reason": f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-    del torch
-    return {"ran": True, "state_keys": sorted(state)[:20] if isinstance(state, dict) else None}
+    best = (state or {}).get("best", {})
+    recipes = collections.Counter(str(v).split("(")[0] for v in (best.get("recipe") or {}).values())
+    with torch.no_grad():
+        errs = [rel_l2(run_denoiser(adapter, model, p), r) for p, r in zip(eval_points, references)]
+    return {"ran": True, "effective_bits": effective_bits,
+            "achieved_effective_bits": (best.get("constraints") or {}).get("effective_bits"),
+            "recipes": dict(recipes), "measured_rel_l2": math.sqrt(sum(e * e for e in errs) / len(errs))}
