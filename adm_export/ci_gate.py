@@ -9,7 +9,10 @@ What is gated (each with a tolerance, see :class:`GateTolerances`):
 
 * ``eval.fd_increase_pct``: may exceed the baseline's by at most ``fd_increase_pp`` percentage
   points (quality must not get worse);
-* ``eval.gate.passed``: the build's own absolute gate (``--max-fd-increase``) must pass;
+* ``eval.paired_drift_pct`` (where reported): may exceed the baseline's by at most ``drift_pp``
+  percentage points (paired per-clip drift of the engine from the full-precision baseline; less
+  noisy than FD at few clips);
+* ``eval.gate.passed``: the build's own absolute gate (``--max-fd-increase``, ``--max-drift``) must pass;
 * ``size.unet_export_bytes``: may grow by at most ``size_pct`` percent;
 * quantized compute layers (``engine.layer_precisions`` less its float entries): may drop by at
   most ``quantized_layers_pct`` percent (a change that silently leaves layers in float);
@@ -71,15 +74,17 @@ class GateTolerances:
         size_pct: Allowed growth of the exported U-Net, in percent of the baseline's bytes.
         quantized_layers_pct: Allowed drop of quantized compute layers, in percent of the
             baseline's count (TensorRT's tactic choice can move a few layers between runs).
+        drift_pp: Allowed rise of ``eval.paired_drift_pct`` over the baseline's, in percentage points.
     """
 
     fd_increase_pp: float = 10.0
     size_pct: float = 1.0
     quantized_layers_pct: float = 5.0
+    drift_pp: float = 5.0
 
     def __post_init__(self):
         for field, flag in (("fd_increase_pp", "--fd-tolerance"), ("size_pct", "--size-tolerance"),
-                            ("quantized_layers_pct", "--layer-tolerance")):
+                            ("quantized_layers_pct", "--layer-tolerance"), ("drift_pp", "--drift-tolerance")):
             value = getattr(self, field)
             if not isinstance(value, (int, float)) or math.isnan(value) or value < 0:
                 raise InvalidInputError(f"invalid {flag} {value!r}: must be a number >= 0")
@@ -322,14 +327,27 @@ def compare(report: dict, settings: dict, baseline: dict, tol: GateTolerances = 
         rows.append(Row("FD increase (%)", _f(b_fd, ".2f"), _f(c_fd, ".2f"), f"{c_fd - b_fd:+.2f} pp",
                         f"<= {limit:.2f}", status))
 
-    # 2. The build's own absolute gate (--max-fd-increase).
+    # 2. Paired drift of the engine's clips from the baseline's (newer reports).
+    b_dr, c_dr = b_ev.get("paired_drift_pct"), c_ev.get("paired_drift_pct")
+    if b_dr is not None:
+        if c_dr is None:
+            rows.append(Row("paired drift (%)", _f(b_dr, ".2f"), "–", "", "", "FAIL"))
+            notes.append("the build reports no eval.paired_drift_pct")
+        else:
+            limit = b_dr + tol.drift_pp
+            status = "FAIL" if c_dr > limit else "better" if c_dr < b_dr - tol.drift_pp else "ok"
+            rows.append(Row("paired drift (%)", _f(b_dr, ".2f"), _f(c_dr, ".2f"), f"{c_dr - b_dr:+.2f} pp",
+                            f"<= {limit:.2f}", status))
+
+    # 3. The build's own absolute gate (--max-fd-increase, --max-drift).
     gate = c_ev.get("gate") or {}
     if gate.get("passed") is not None:
+        checks = gate.get("checks") or [{"metric": "fd_increase_pct", "threshold": gate.get("threshold")}]
+        limit = ", ".join(f"{c.get('metric')} <= {_f(c.get('threshold'))}" for c in checks)
         rows.append(Row("build quality gate", _f((b_ev.get("gate") or {}).get("passed")), _f(gate.get("passed")),
-                        "", f"FD increase <= {_f(gate.get('threshold'))}%",
-                        "ok" if gate.get("passed") else "FAIL"))
+                        "", limit, "ok" if gate.get("passed") else "FAIL"))
 
-    # 3. Size of the exported U-Net.
+    # 4. Size of the exported U-Net.
     b_size = (baseline.get("size") or {}).get("unet_export_bytes")
     c_size = (report.get("size") or {}).get("unet_export_bytes")
     if c_size is None:
@@ -342,7 +360,7 @@ def compare(report: dict, settings: dict, baseline: dict, tol: GateTolerances = 
         rows.append(Row("U-Net export (MB)", f"{b_size / 1e6:.3f}", f"{c_size / 1e6:.3f}", f"{rel:+.2f}%",
                         f"<= {limit / 1e6:.3f}", status))
 
-    # 4. Quantized compute layers.
+    # 5. Quantized compute layers.
     b_q, c_q = quantized_layers(baseline), quantized_layers(report)
     if b_q is not None:
         floor = math.ceil(b_q * (1 - tol.quantized_layers_pct / 100))
@@ -353,13 +371,13 @@ def compare(report: dict, settings: dict, baseline: dict, tol: GateTolerances = 
             status = "FAIL" if c_q < floor else "ok"
             rows.append(Row("quantized layers", str(b_q), str(c_q), f"{c_q - b_q:+d}", f">= {floor}", status))
 
-    # 5. Parity of the ONNX export with the torch fake-quant model.
+    # 6. Parity of the ONNX export with the torch fake-quant model.
     c_par = (report.get("parity") or {}).get("passed")
     if c_par is not None:
         rows.append(Row("ONNX parity", _f((baseline.get("parity") or {}).get("passed")), _f(c_par), "", "passed",
                         "ok" if c_par else "FAIL"))
 
-    # 6. Context, not gated: these move with the machine or are diagnostics.
+    # 7. Context, not gated: these move with the machine or are diagnostics.
     for label, key, spec in (("FD(engine, baseline)", "fd_quantized_vs_baseline", ".4g"),
                              ("final latent rel. L2", "final_latent_rel_l2", ".3e")):
         b, c = b_ev.get(key), c_ev.get(key)

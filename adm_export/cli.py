@@ -473,6 +473,8 @@ def inspect(folder):
               help="Allowed growth of the exported U-Net, in percent.")
 @click.option("--layer-tolerance", type=float, default=5.0, show_default=True,
               help="Allowed drop of quantized compute layers, in percent.")
+@click.option("--drift-tolerance", type=float, default=5.0, show_default=True,
+              help="Allowed rise of the paired drift over the baseline's, in percentage points.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the diff table as Markdown to this file.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -482,8 +484,8 @@ def inspect(folder):
               help="With --write-baseline: a build argument to record (repeat; e.g. --build-arg=--num-clips).")
 @click.option("--show-build-args", is_flag=True, help="Print the baseline's recorded build arguments, one per line.")
 @handle_errors
-def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, summary, json_out, write_baseline,
-            build_args, show_build_args):
+def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, drift_tolerance, summary, json_out,
+            write_baseline, build_args, show_build_args):
     """CI quality gate: compare a build folder with a baseline report (exit 0 ok, 2 regression, 1 error)."""
     from adm_export import ci_gate
     from adm_export.artifacts import write_json
@@ -500,7 +502,7 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
         click.echo(f"baseline written: {baseline}")
         return
     tol = ci_gate.GateTolerances(fd_increase_pp=fd_tolerance, size_pct=size_tolerance,
-                                 quantized_layers_pct=layer_tolerance)
+                                 quantized_layers_pct=layer_tolerance, drift_pp=drift_tolerance)
     base = ci_gate.load_baseline(baseline)
     report, settings = ci_gate.load_build(build_dir)
     result = ci_gate.compare(report, settings, base, tol, baseline_path=baseline)

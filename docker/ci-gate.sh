@@ -29,6 +29,7 @@ evaluation protocol (clips, steps, clip length, embedder) matches it.
   --fd-tolerance PP     allowed FD-increase rise, percentage points   ADM_GATE_FD_TOLERANCE (10)
   --size-tolerance PCT  allowed growth of the exported U-Net, %       ADM_GATE_SIZE_TOLERANCE (1)
   --layer-tolerance PCT allowed drop of quantized layers, %           ADM_GATE_LAYER_TOLERANCE (5)
+  --drift-tolerance PP  allowed paired-drift rise, percentage points  ADM_GATE_DRIFT_TOLERANCE (5)
   --update-baseline     write FILE from this build instead of gating  ADM_GATE_UPDATE_BASELINE=1
   -h, --help            this text
 Extra build arguments may also come from ADM_GATE_BUILD_ARGS (split on whitespace).
@@ -54,6 +55,7 @@ BUILD_DIR=${ADM_GATE_BUILD_DIR:-}
 FD_TOL=${ADM_GATE_FD_TOLERANCE:-10}
 SIZE_TOL=${ADM_GATE_SIZE_TOLERANCE:-1}
 LAYER_TOL=${ADM_GATE_LAYER_TOLERANCE:-5}
+DRIFT_TOL=${ADM_GATE_DRIFT_TOLERANCE:-5}
 UPDATE=${ADM_GATE_UPDATE_BASELINE:-0}
 ADM=${ADM_GATE_ADM_EXPORT:-adm-export}
 EXTRA=()
@@ -77,6 +79,7 @@ while [[ $# -gt 0 ]]; do
     --fd-tolerance) need_value "$@"; FD_TOL=$2; shift 2 ;;
     --size-tolerance) need_value "$@"; SIZE_TOL=$2; shift 2 ;;
     --layer-tolerance) need_value "$@"; LAYER_TOL=$2; shift 2 ;;
+    --drift-tolerance) need_value "$@"; DRIFT_TOL=$2; shift 2 ;;
     --update-baseline) UPDATE=1; shift ;;
     -h | --help) usage; exit 0 ;;
     --) shift; EXTRA+=("$@"); break ;;
@@ -85,7 +88,8 @@ while [[ $# -gt 0 ]]; do
 done
 
 [[ -n "$BASELINE" ]] || die "no baseline: pass --baseline FILE or set ADM_GATE_BASELINE"
-for pair in "--fd-tolerance:$FD_TOL" "--size-tolerance:$SIZE_TOL" "--layer-tolerance:$LAYER_TOL"; do
+for pair in "--fd-tolerance:$FD_TOL" "--size-tolerance:$SIZE_TOL" "--layer-tolerance:$LAYER_TOL" \
+  "--drift-tolerance:$DRIFT_TOL"; do
   is_number "${pair#*:}" || die "invalid ${pair%%:*} '${pair#*:}': give a number >= 0"
 done
 [[ -z "$MAX_FD" ]] || is_number "$MAX_FD" || die "invalid --max-fd-increase '$MAX_FD': give a number >= 0"
@@ -154,7 +158,7 @@ if [[ "$UPDATE" == 1 ]]; then
   exit 0
 fi
 "$ADM" compare "$BUILD_DIR" --baseline "$BASELINE" --fd-tolerance "$FD_TOL" --size-tolerance "$SIZE_TOL" \
-  --layer-tolerance "$LAYER_TOL" --summary "$OUT/gate.md" --json-out "$OUT/gate.json"
+  --layer-tolerance "$LAYER_TOL" --drift-tolerance "$DRIFT_TOL" --summary "$OUT/gate.md" --json-out "$OUT/gate.json"
 compare_rc=$?
 case "$compare_rc" in
   0) [[ "$build_rc" == 0 ]] && exit 0 || exit 2 ;;

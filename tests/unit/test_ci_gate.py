@@ -133,6 +133,7 @@ def _degraded_copy(build: Path, dest: Path) -> Path:
         shutil.copyfile(build / rel, dest / rel)
     report = json.loads((dest / "report.json").read_text())
     report["eval"]["fd_increase_pct"] += 40.0
+    report["eval"]["paired_drift_pct"] += 20.0
     report["eval"]["gate"]["passed"] = False
     report["size"]["unet_export_bytes"] = int(report["size"]["unet_export_bytes"] * 1.10)
     report["engine"]["layer_precisions"]["int8"] //= 2
@@ -146,7 +147,8 @@ def test_degraded_build_fails_with_2(gate_run, self_baseline, tmp_path):
     proc = gate("--baseline", self_baseline, "--build-dir", degraded, "--out", tmp_path / "o")
     assert proc.returncode == 2, proc.stdout + proc.stderr
     rows = _table_rows(proc.stdout)
-    for metric in ("FD increase (%)", "build quality gate", "U-Net export (MB)", "quantized layers"):
+    for metric in ("FD increase (%)", "paired drift (%)", "build quality gate", "U-Net export (MB)",
+                   "quantized layers"):
         assert rows[metric][-1] == "FAIL", (metric, rows[metric])
     assert rows["ONNX parity"][-1] == "ok"
 
@@ -155,7 +157,8 @@ def test_loose_tolerances_let_the_degraded_build_pass_except_its_own_gate(gate_r
     _, _, build = gate_run
     degraded = _degraded_copy(build, tmp_path / "degraded")
     proc = gate("--baseline", self_baseline, "--build-dir", degraded, "--out", tmp_path / "o",
-                "--fd-tolerance", "45", "--size-tolerance", "11", "--layer-tolerance", "60")
+                "--fd-tolerance", "45", "--size-tolerance", "11", "--layer-tolerance", "60",
+                "--drift-tolerance", "25")
     assert proc.returncode == 2
     rows = _table_rows(proc.stdout)
     assert [m for m, r in rows.items() if r[-1] == "FAIL"] == ["build quality gate"]
@@ -259,6 +262,19 @@ def test_compare_limits_are_inclusive_and_one_step_past_fails():
     assert not past.passed
     assert {r.metric for r in past.rows if r.status == "FAIL"} == {"FD increase (%)", "U-Net export (MB)",
                                                                      "quantized layers"}
+
+
+def test_paired_drift_is_gated_where_both_report_it():
+    base = _baseline()
+    base["eval"]["paired_drift_pct"] = 1.0
+    report = _report()
+    report["eval"]["paired_drift_pct"] = 6.0
+    tol = ci_gate.GateTolerances(drift_pp=5.0)
+    assert _status(ci_gate.compare(report, SETTINGS, base, tol), "paired drift (%)") == "ok"
+    report["eval"]["paired_drift_pct"] = 6.5
+    assert _status(ci_gate.compare(report, SETTINGS, base, tol), "paired drift (%)") == "FAIL"
+    # A baseline from before the metric existed: no row, nothing to gate.
+    assert all(r.metric != "paired drift (%)" for r in ci_gate.compare(report, SETTINGS, _baseline()).rows)
 
 
 def test_compare_marks_improvements_and_suggests_updating():
