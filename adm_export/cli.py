@@ -117,8 +117,9 @@ def calibration_options(f):
                      help="Coverage-driven prompt augmentation of the captions."),
         click.option("--steps", type=int, default=10, show_default=True, help="Sampler (DDIM) steps."),
         click.option("--points", type=int, default=16, show_default=True, help="Calibration points kept (budget K)."),
-        click.option("--select", type=_choices(SelectMethod), default=SelectMethod.UNIFORM.value, show_default=True,
-                     help="How calibration points are chosen."),
+        click.option("--select", type=_choices(SelectMethod), default=SelectMethod.ACTIVATION.value, show_default=True,
+                     help="How calibration points are chosen (activation: activation-aware, from per-layer "
+                          "activation statistics of every step and prompt)."),
         click.option("--seconds", type=float, default=2.56, show_default=True, help="Audio length of calibration runs."),
         click.option("--guidance-scale", type=float, default=2.5, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),

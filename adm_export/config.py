@@ -103,7 +103,7 @@ class CalibrationConfig:
     num_prompts: int = 8
     steps: int = 10
     points: int = 16
-    select: SelectMethod = SelectMethod.UNIFORM
+    select: SelectMethod = SelectMethod.ACTIVATION
     audio_seconds: float = 2.56
     guidance_scale: float = 2.5
     seed: int = 0

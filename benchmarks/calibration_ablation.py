@@ -153,7 +153,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-fd", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/calibration_ablation_cpu", help="writes OUT.json and OUT.md")
+    ap.add_argument("--render", metavar="JSON", help="only re-write the Markdown table of an earlier run's JSON")
     args = ap.parse_args(argv)
+    if args.render:
+        rep = json.loads(Path(args.render).read_text())
+        Path(args.render).with_suffix(".md").write_text(markdown(rep))
+        return rep
 
     import logging
     import warnings
@@ -164,16 +169,20 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    else:  # full FP32 as the reference (TF32 would add its own rounding to both sides)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     from adm_export.calibration.cache import CalibrationCache
     from adm_export.calibration.latents import run_trajectories, select_indices
     from adm_export.calibration.prompts import build_prompt_set, builtin_captions
     from adm_export.calibration.selection import errors_for_amax, layer_errors, select_activation
-    from adm_export.calibration.stats import StatsRecorder
+    from adm_export.calibration.stats import StatsRecorder, memory_bytes
     from adm_export.config import CalibrationConfig, QuantizeConfig, SelectMethod
     from adm_export.export.quantize import quantize_denoiser
 
     t_start = time.time()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     adapter = load_adapter(args.model, args.device)
     spec = adapter.denoiser_spec()
     rows = 2 if args.guidance_scale > 1.0 else 1
@@ -294,6 +303,8 @@ def main(argv=None) -> dict:
             }
             row["seconds"] = time.time() - t0
             results.append(row)
+            # Rows so far, in case the run is cut short (device time limits).
+            Path(args.out).with_suffix(".partial.json").write_text(json.dumps(results, indent=1))
             print(f"{name:10s} {method:22s} relL2 {row['rel_l2_mean']:.5f}  SNR {row['final_snr_db']:6.2f} dB  "
                   f"est {row['est_input_error_heldout']:.3g}  ({row['seconds']:.0f}s)", flush=True)
             if method == "all" and all_model is None:
@@ -329,6 +340,10 @@ def main(argv=None) -> dict:
         "config": {k: v for k, v in vars(args).items() if k not in ("out",)},
         "quantization": "int8 (ModelOpt max calibration, NVIDIA diffusion exclusions)",
         "quantized_layers": layers,
+        "statistics_memory": {
+            "pool_bytes": pools[args.prompt_sets[0]]["stats"].nbytes,
+            "bound_64_prompts_50_steps_bytes": memory_bytes(64, 50, layers),
+        },
         "heldout_prompts": heldout,
         "heldout_seeds": seeds,
         "pool_prompts": {n: p["prompts"] for n, p in pools.items()},
@@ -338,11 +353,19 @@ def main(argv=None) -> dict:
         "timings_s": {**timings, "total": time.time() - t_start},
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(report))
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(markdown(report))
     return report
+
+
+def memory_line(rep: dict) -> str:
+    mem = rep.get("statistics_memory")
+    if not mem:
+        return ""
+    return (f"Activation statistics: {mem['pool_bytes'] / 1e6:.2f} MB per pool; 64 prompts x 50 steps would take "
+            f"{mem['bound_64_prompts_50_steps_bytes'] / 1e6:.0f} MB. ")
 
 
 def markdown(rep: dict) -> str:
@@ -352,9 +375,10 @@ def markdown(rep: dict) -> str:
         "",
         f"Same budget K = {c['points']} points, preset {rep['quantization']}; {rep['quantized_layers']} quantized "
         f"layers. Pools: {c['num_prompts']} prompts x {c['steps']} DDIM steps, {c['seconds']} s, guidance "
-        f"{c['guidance_scale']}. Held out: {len(rep['heldout_prompts'])} prompts (in neither pool) with seeds "
+        f"{c['guidance_scale']}. {memory_line(rep)}Held out: {len(rep['heldout_prompts'])} prompts (in neither pool) with seeds "
         f"{rep['heldout_seeds'][0]}..{rep['heldout_seeds'][-1]}. Random weights: differences are small by nature "
-        "(see the context rows). No timing claims (shared CPU).",
+        "(see the context rows). "
+        + ("No timing claims (shared CPU)." if rep["device"] == "cpu" else "No timing claims."),
         "",
         "| prompt set | method | steps/prompts hit | est. input err (pool) | est. input err (held-out) | "
         "range reached | held-out layers clipped | rel. L2 (mean over steps) | final-latent SNR dB | FD logmel | drift % |",
@@ -366,6 +390,20 @@ def markdown(rep: dict) -> str:
             f"{r['est_input_error_pool']:.4g} | {r['est_input_error_heldout']:.4g} | {r['range_coverage_pool']:.3f} | "
             f"{r['heldout_clipped_layers']} | {r['rel_l2_mean']:.5f} | {r['final_snr_db']:.2f} | "
             f"{r.get('fd_logmel', float('nan')):.4g} | {r.get('drift_pct', float('nan')):.3g} |")
+    # Random: mean over seeds; and does the error model's held-out estimate rank the rows as measured?
+    rnd = [r for r in rep["results"] if r["method"].startswith("random")]
+    if rnd:
+        lines += ["", "Random, mean over its seeds: " + "; ".join(
+            f"{ps}: rel. L2 {np.mean([r['rel_l2_mean'] for r in rnd if r['prompt_set'] == ps]):.5f}, SNR "
+            f"{np.mean([r['final_snr_db'] for r in rnd if r['prompt_set'] == ps]):.2f} dB"
+            for ps in dict.fromkeys(r["prompt_set"] for r in rnd))]
+    est = np.array([r["est_input_error_heldout"] for r in rep["results"]])
+    meas = np.array([r["rel_l2_mean"] for r in rep["results"]])
+    if len(est) > 2:
+        rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+        rho = float(np.corrcoef(rank(est), rank(meas))[0, 1])
+        lines += ["", f"Spearman rank correlation, estimated held-out input error vs measured rel. L2, over the rows: "
+                      f"{rho:.2f}."]
     ctx = rep.get("context", {})
     if ctx:
         w = ctx["weights_only"]

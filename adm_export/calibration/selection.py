@@ -6,23 +6,28 @@ the selected set decides one number per layer, and a good set is one whose ``A_l
 recorded (prompt, step) inputs well, not only its own. The algorithm scores that directly.
 
 **Error model** (per layer, from the statistics of :mod:`adm_export.calibration.stats`). Pool the
-log2 histograms of ``|x|`` over every recorded (prompt, step); with ``c_b`` the count and ``v_b``
-the centre of bin ``b`` and ``levels = 127`` (INT8, symmetric per-tensor), the mean squared
-quantization error that a scale ``A`` causes on the *whole* recorded distribution, relative to
-the signal energy ``sum_b c_b v_b**2``, is estimated as::
+log2 histograms of ``|x|`` of one step over the prompts; with ``c_b`` the count and ``v_b`` the
+centre of bin ``b`` and ``levels = 127`` (INT8, symmetric per-tensor), the mean squared
+quantization error that a scale ``A`` causes at step ``s``, relative to that step's signal energy
+``sum_b c_b v_b**2``, is estimated as::
 
-    err_l(A) = [ sum_{v_b > A} c_b (v_b - A)**2                      clipping (range not covered)
-               + sum_{v_b <= A} c_b min(v_b**2, (A / levels)**2 / 12) ]   rounding (cost of the range)
-               / sum_b c_b v_b**2
+    err_{l,s}(A) = [ sum_{v_b > A} c_b (v_b - A)**2                       clipping (range not covered)
+                   + sum_{v_b <= A} c_b min(v_b**2, (A / levels)**2 / 12) ]  rounding (cost of the range)
+                   / sum_b c_b v_b**2
 
-``err_l(0) = 1``. Clipping falls and rounding grows with ``A``; the error is lowest somewhere
-below the largest value ever seen when the top of the range is rare.
+``err(0) = 1``. Clipping falls and rounding grows with ``A``; the error is lowest somewhere below
+the largest value ever seen when the top of the range is rare. Prefix sums over the bins make one
+evaluation O(1) (:class:`ErrorModel`).
 
-**Objective**: ``F(S) = mean_l err_l(A_l(S))``, the estimated relative input-quantization error
-of the quantized layers over all steps and prompts. With ``rounding=False`` only the clipping
-term is kept: that is weighted max-coverage of the per-layer ranges (a range bin is "covered"
-when a selected point reaches it; missing it costs its clipping loss), COVERCAL's formulation,
-which always prefers the widest range.
+**Objective**: ``F(S) = mean_s mean_l err_{l,s}(A_l(S))``, the estimated relative
+input-quantization error of the quantized layers, each step counting the same. Normalising per
+step matters: layers on the residual stream see activations whose scale changes ~10x along the
+trajectory (measured on the embedded model: ``down_blocks.0.downsamplers.0.conv`` reaches only
+10% of its range at the first step); pooled over steps (``per_step=False``, energy weighted) the
+small-signal steps barely count and a range set by the loud steps quantizes them coarsely.
+With ``rounding=False`` only the clipping term is kept: that is weighted max-coverage of the
+per-layer ranges (a range bin is "covered" when a selected point reaches it; missing it costs
+its clipping loss), COVERCAL's formulation, which always prefers the widest range.
 
 **Algorithm** (``select_activation``):
 
