@@ -375,13 +375,15 @@ def markdown(rep: dict) -> str:
         "",
         f"Same budget K = {c['points']} points, preset {rep['quantization']}; {rep['quantized_layers']} quantized "
         f"layers. Pools: {c['num_prompts']} prompts x {c['steps']} DDIM steps, {c['seconds']} s, guidance "
-        f"{c['guidance_scale']}. {memory_line(rep)}Held out: {len(rep['heldout_prompts'])} prompts (in neither pool) with seeds "
+        f"{c['guidance_scale']}. {memory_line(rep)}Held out: {len(rep['heldout_prompts'])} prompts (in neither "
+        "pool) with seeds "
         f"{rep['heldout_seeds'][0]}..{rep['heldout_seeds'][-1]}. Random weights: differences are small by nature "
         "(see the context rows). "
         + ("No timing claims (shared CPU)." if rep["device"] == "cpu" else "No timing claims."),
         "",
         "| prompt set | method | steps/prompts hit | est. input err (pool) | est. input err (held-out) | "
-        "range reached | held-out layers clipped | rel. L2 (mean over steps) | final-latent SNR dB | FD logmel | drift % |",
+        "range reached | held-out layers clipped | rel. L2 (mean over steps) | final-latent SNR dB | FD logmel | "
+        "drift % |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
@@ -417,7 +419,8 @@ def markdown(rep: dict) -> str:
               "| prompt set | method | " + " | ".join(str(i) for i in range(c["steps"])) + " |",
               "|---|---|" + "---|" * c["steps"]]
     for r in rep["results"]:
-        lines.append(f"| {r['prompt_set']} | {r['method']} | " + " | ".join(f"{x:.4f}" for x in r["rel_l2_per_step"]) + " |")
+        lines.append(f"| {r['prompt_set']} | {r['method']} | "
+                     + " | ".join(f"{x:.4f}" for x in r["rel_l2_per_step"]) + " |")
     lines += ["", f"Total {rep['timings_s']['total']:.0f} s."]
     return "\n".join(lines) + "\n"
 

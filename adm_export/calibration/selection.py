@@ -34,7 +34,7 @@ its clipping loss), COVERCAL's formulation, which always prefers the widest rang
 1. *Ranges* (greedy): start from ``S = {}``, ``A = 0``; add the point with the largest decrease
    of ``F`` while one decreases it. Adding point ``i`` changes layer ``l`` only if
    ``absmax[i, l] > A_l``, and then to the tabulated ``err_l(absmax[i, l])``, so one step costs
-   ``O(points * layers)`` after a one-off table of ``O(points * layers * bins)``.
+   ``O(points * layers)`` after a one-off table of ``O(points * steps * layers)`` (prefix sums).
 2. *Swaps*: replace a selected point by an unselected one while that lowers ``F`` (a few passes;
    greedy on a non-monotone objective can overshoot a layer's best range).
 3. *Distribution* (fill the remaining budget): among points that keep ``F`` within
@@ -44,7 +44,16 @@ its clipping loss), COVERCAL's formulation, which always prefers the widest rang
    distribution-based calibrators (percentile, MSE, SmoothQuant, AWQ) see the whole set, and
    these points represent the steps and prompts that stage 1 did not need.
 
-Deterministic: ties go to the earlier (prompt, step); no random numbers are drawn.
+Deterministic: ties go to the earlier (prompt, step); no random numbers are drawn. Measured cost
+at AudioLDM-S scale (64 prompts x 50 steps x 242 layers, K = 64, synthetic statistics): 4.5 s on
+one CPU core, no memory beyond the statistics' own 403 MB worth mentioning.
+
+Limits: the error model is INT8 (and W4A8's INT8 activations) with per-tensor ``max``
+calibration; FP8's relative rounding is not modelled (``levels`` only changes the step). All
+layers weigh the same; the network's sensitivity to each layer is not measured here. On the
+ablation (``benchmarks/calibration_ablation.py``) the model's held-out estimate ranks the
+selections as the measured U-Net error does with Spearman 0.83 (CPU, tiny) and 0.66 (AudioLDM-S
+sized, H200).
 """
 
 from __future__ import annotations

@@ -207,7 +207,8 @@ class StatsRecorder:
     def at(self, prompt: int, step: int) -> None:
         """Direct the following layer records to (``prompt``, ``step``)."""
         if not (0 <= prompt < self.num_prompts and 0 <= step < self.steps):
-            raise IndexError(f"denoiser call ({prompt}, {step}) outside {self.num_prompts} prompts x {self.steps} steps")
+            raise IndexError(f"denoiser call ({prompt}, {step}) outside {self.num_prompts} prompts x "
+                             f"{self.steps} steps")
         if prompt != self._prompt:
             self._flush()
             self._prompt = prompt
