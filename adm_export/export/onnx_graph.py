@@ -507,12 +507,21 @@ def shorten_tensor_names(model) -> int:
     (``/unet/down_blocks.1/attentions.0/.../QuantizeLinear_output_0``), each written twice (producer
     and consumer): about 1.5 MB of a full-size U-Net file, enough to matter for a size target.
     Node names (which carry the module path, and which TensorRT's layer report shows), graph
-    inputs/outputs and initializer names are kept.
+    inputs/outputs and parameter-derived initializer names are kept.
     """
     graph = model.graph
-    keep = {i.name for i in graph.input} | {o.name for o in graph.output} | {i.name for i in graph.initializer}
+    keep = {i.name for i in graph.input} | {o.name for o in graph.output}
     rename: dict[str, str] = {}
     saved = 0
+    # Exporter-generated constants ("/unet/.../Constant_output_0", "onnx::Mul_123": Q/DQ scales,
+    # zero points, shape constants) get short names too; parameter-derived names ("unet.<module>
+    # .weight_quantized", its "_scale") are kept: they say which layer a weight belongs to.
+    for init in graph.initializer:
+        if init.name.startswith(("/", "onnx::")) and init.name not in keep:
+            new = rename.setdefault(init.name, f"c{len(rename)}")
+            saved += len(init.name) - len(new)
+            init.name = new
+    keep |= {i.name for i in graph.initializer}
     for node in graph.node:
         for k, name in enumerate(node.output):
             if name and name not in keep:
