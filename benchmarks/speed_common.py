@@ -148,7 +148,7 @@ def cpu_time(fn, warmup: int, iters: int) -> dict:
 
 # -- the project's INT8 Q/DQ export ---------------------------------------------------------------------
 def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, num_prompts: int = 2,
-                 steps: int = 3, points: int = 4) -> dict:
+                 steps: int = 3, points: int = 4, placement: str = "tensorrt", calibration: Path | None = None) -> dict:
     """Calibrate, quantize (ModelOpt INT8, on the CPU) and export with the project's stage functions.
 
     Args:
@@ -158,6 +158,8 @@ def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, 
         workdir: Folder for ``calibration/``, ``quantized/``, ``onnx/``.
         audio_seconds: Length of the calibration clips.
         num_prompts, steps, points: Size of the calibration set.
+        placement: Q/DQ placement of quantize and export (``tensorrt`` or ``onnxruntime``).
+        calibration: An existing calibration cache to reuse instead of calibrating.
 
     Returns:
         Paths, stage seconds, the Q/DQ report and parity of the export.
@@ -169,23 +171,27 @@ def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, 
 
     workdir = Path(workdir)
     seconds = {}
+    if calibration is None:
+        calibration = workdir / "calibration"
+        t0 = time.perf_counter()
+        calibrate(CalibrationConfig(model=adapter_cpu.model_id, num_prompts=num_prompts, steps=steps, points=points,
+                                    audio_seconds=audio_seconds, device="cpu"),
+                  calibration, force=True, adapter=adapter_cal)
+        seconds["calibrate"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    calibrate(CalibrationConfig(model=adapter_cpu.model_id, num_prompts=num_prompts, steps=steps, points=points,
-                                audio_seconds=audio_seconds, device="cpu"),
-              workdir / "calibration", force=True, adapter=adapter_cal)
-    seconds["calibrate"] = round(time.perf_counter() - t0, 2)
-    t0 = time.perf_counter()
-    q = quantize(QuantizeConfig(precision="int8", device="cpu"), workdir / "calibration", workdir / "quantized",
-                 force=True, adapter=adapter_cpu)
+    q = quantize(QuantizeConfig(precision="int8", device="cpu", placement=placement), calibration,
+                 workdir / "quantized", force=True, adapter=adapter_cpu)
     seconds["quantize"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    m = export_onnx(ExportConfig(parity_points=1), workdir / "quantized", workdir / "onnx", workdir / "calibration",
-                    force=True, adapter=adapter_cpu)
+    m = export_onnx(ExportConfig(parity_points=1, placement=placement), workdir / "quantized", workdir / "onnx",
+                    calibration, force=True, adapter=adapter_cpu)
     seconds["export"] = round(time.perf_counter() - t0, 2)
     return {
         "onnx": str(workdir / "onnx" / "unet.onnx"),
         "seconds": seconds,
-        "calibration": {"prompts": num_prompts, "steps": steps, "points": points, "audio_seconds": audio_seconds},
+        "placement": placement,
+        "calibration": {"prompts": num_prompts, "steps": steps, "points": points, "audio_seconds": audio_seconds,
+                        "cache": str(calibration)},
         "quant_error_mean": q["quant_error_rel_l2"]["mean"],
         "qdq": {k: m["qdq"][k] for k in ("ops", "quantized_ops", "float_ops")},
         "sizes": m["sizes"],

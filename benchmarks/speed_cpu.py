@@ -8,6 +8,8 @@ latent (8x256x16), random weights. Rows per model size:
 * ONNX Runtime CPU FP32 (the unquantized export, ``adm_export.export.fp16`` with ``fp16=False``),
 * ONNX Runtime CPU INT8 Q/DQ: the project's export (calibrate -> ModelOpt INT8 -> export, TensorRT
   placement: Q/DQ on inputs and weights),
+* with ``--ort-placement``: the project's export with ``--placement onnxruntime`` (convolution
+  outputs quantized too, UINT8 activations, so ONNX Runtime fuses QLinearConv), same calibration,
 * with ``--ort-native``: ONNX Runtime's own ``quantize_static`` (QDQ, per-channel INT8 weights,
   UINT8 activations, outputs quantized too) on the FP32 export, as the reference for what an
   ONNX-Runtime placement would give.
@@ -47,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--reuse", action="store_true", help="Reuse exports already in --workdir.")
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--ort-native", action="store_true", help="Also time ONNX Runtime's own quantize_static QDQ.")
+    p.add_argument("--ort-placement", action="store_true",
+                   help="Also export with --placement onnxruntime (convolution outputs quantized) and time it.")
     p.add_argument("--calib-seconds", type=float, default=10.24)
     return p.parse_args(argv)
 
@@ -74,6 +78,10 @@ def prepare(size: str, adapter, args) -> dict:
     int8 = work / "int8" / "onnx" / "unet.onnx"
     if not (args.reuse and int8.is_file()):
         info["int8"] = sc.prepare_int8(adapter, adapter, work / "int8", args.calib_seconds)
+    int8_ort = work / "int8_ort" / "onnx" / "unet.onnx"
+    if args.ort_placement and not (args.reuse and int8_ort.is_file()):
+        info["int8_ort"] = sc.prepare_int8(adapter, adapter, work / "int8_ort", args.calib_seconds,
+                                           placement="onnxruntime", calibration=work / "int8" / "calibration")
     native = work / "ort_native" / "unet.onnx"
     if args.ort_native and not (args.reuse and native.is_file()):
         t0 = time.perf_counter()
@@ -84,7 +92,7 @@ def prepare(size: str, adapter, args) -> dict:
     if record.is_file():
         info = {**json.loads(record.read_text()), **info}
     sc.write_json(record, info)
-    info["paths"] = {"fp32": str(fp32), "int8": str(int8), "ort_native": str(native)}
+    info["paths"] = {"fp32": str(fp32), "int8": str(int8), "int8_ort": str(int8_ort), "ort_native": str(native)}
     return info
 
 
@@ -140,6 +148,7 @@ def measure(size: str, adapter, info: dict, args, results: dict) -> None:
     paths: dict = {"torch FP32": (lambda: module(*x.values()), ref, {})}
     engines = []
     for key, label in (("fp32", "ONNX Runtime FP32"), ("int8", "ONNX Runtime INT8 Q/DQ (project export)"),
+                       ("int8_ort", "ONNX Runtime INT8 Q/DQ (project export, --placement onnxruntime)"),
                        ("ort_native", "ONNX Runtime INT8 QDQ (ORT quantize_static)")):
         path = Path(info["paths"][key])
         if not path.is_file():
