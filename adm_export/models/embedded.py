@@ -256,14 +256,15 @@ def _tiny_t5(seed: int, vocab_size: int, d_model: int = 32):
 
 def tiny_audioldm2_unet_config() -> dict:
     """U-Net config of ``tiny-audioldm2``: AudioLDM2's structure (a DownBlock, then cross-attention
-    blocks with [self-attention, GPT-2 stream, T5 stream] transformers, head width 32) at widths 32/64/64."""
-    widths = (32, 64, 64)
+    blocks whose layers hold [self-attention, GPT-2 stream, T5 stream] transformers, head width 32)
+    at widths 32/64, one layer per block."""
+    widths = (32, 64)
     return dict(
         sample_size=64,
         in_channels=8,
         out_channels=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=widths,
         layers_per_block=1,
         norm_num_groups=32,
@@ -362,7 +363,8 @@ TINY_TANGO_VAE_CONFIG = {
 
 def tiny_tango_unet_config() -> dict:
     """U-Net config of ``tiny-tango``: TANGO's layout (cross-attention blocks then a DownBlock,
-    linear projections, upcast attention, head width 32 here) at widths 32/64/64, T5 width 32."""
+    linear projections, upcast attention, head width 32 here) at widths 32/64/64, one layer per
+    block, T5 width 32."""
     widths = (32, 64, 64)
     return dict(
         sample_size=64,
@@ -371,7 +373,7 @@ def tiny_tango_unet_config() -> dict:
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=widths,
-        layers_per_block=2,
+        layers_per_block=1,
         norm_num_groups=32,
         cross_attention_dim=32,
         attention_head_dim=tuple(max(1, w // 32) for w in widths),

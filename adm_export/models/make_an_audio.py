@@ -551,8 +551,9 @@ VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.caption_encoder."
 
 
-def load_make_an_audio_checkpoint(ckpt: str | Path, vocoder=None, tokenizer=None, clap_weights: str | Path | None = None,
-                                  unet_config: dict | None = None, bert_config=None, vae_ddconfig: dict | None = None):
+def load_make_an_audio_checkpoint(ckpt: str | Path, vocoder=None, tokenizer=None,
+                                  clap_weights: str | Path | None = None, unet_config: dict | None = None,
+                                  bert_config=None, vae_ddconfig: dict | None = None):
     """Build a :class:`MakeAnAudioPipeline` from a published LDM checkpoint (``maa1_full.ckpt``).
 
     Args:

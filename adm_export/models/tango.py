@@ -350,7 +350,7 @@ def _torch_load(path: Path) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def _load_tokenizer(folder: Path, name: str, text_len: int):
+def _load_tokenizer(folder: Path, name: str):
     from transformers import AutoTokenizer
 
     local = folder / "tokenizer"
@@ -456,7 +456,7 @@ def load_tango_folder(folder: str | Path, text_len: int | None = None, scheduler
     load_hifigan_weights(vocoder, vae_state, prefix="vocoder.")
 
     # 3. Tokenizer and scheduler.
-    tokenizer = _load_tokenizer(folder, text_name, text_len or DEFAULT_TEXT_LEN)
+    tokenizer = _load_tokenizer(folder, text_name)
     n = min(text_len or DEFAULT_TEXT_LEN, usable_length(tokenizer, 512))
     sched_cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[scheduler]
     sched = sched_cls.from_config(sched_cfg)
