@@ -96,8 +96,9 @@ AUDIOLDM_HIFIGAN_CONFIG = {
     "normalize_before": False,
 }
 
-# Text length of the engine. FLAN-T5 allows 512 tokens; audio captions use 10-40, and padding
-# costs cross-attention work (about 1% of a TANGO step per 128 tokens), so 128 as in AudioLDM2.
+# Text length of the engine. FLAN-T5 allows 512 tokens; audio captions use 10-40, and every padded
+# token costs cross-attention work (keys and values at every transformer), so 128, as AudioLDM2's
+# published pipeline truncates the same FLAN-T5. Longer prompts are truncated at this length.
 DEFAULT_TEXT_LEN = 128
 
 
