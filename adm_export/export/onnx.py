@@ -334,6 +334,13 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
             "reduction_vs_fp32": round(export_bytes / (params * 4), 4),
             "reduction_vs_fp16": round(export_bytes / (params * 2), 4),
         }
+        budget = (q_manifest.get("config") or {}).get("size_budget")
+        if budget is not None:
+            sizes["size_budget"] = budget
+            sizes["within_budget"] = export_bytes <= budget * params * 4
+            if not sizes["within_budget"]:
+                logger.warning("exported U-Net is %.2f%% of FP32, over --size-budget %.2f%%", 100 * export_bytes /
+                               (params * 4), 100 * budget)
         logger.info("exported %s: %.2f MB (%.1f%% of FP32), %d quantized ops; parity max %.2e, "
                     "rounding floor max %.2e, quantization error max %.2e", ONNX_FILE, export_bytes / 1e6,
                     100 * sizes["reduction_vs_fp32"], report["quantized_ops"], parity["onnx_vs_torch_max"],

@@ -176,7 +176,11 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
     # fixed layers in their formats; the searched layers share what the budget leaves.
     layer_params = sum(p.params for p in plans)
     fixed_bytes = 4 * (params - layer_params) + sum(p.weight_bytes() for p in fixed)
-    budget = cfg.size_budget * fp32 * (1 - GRAPH_OVERHEAD) - fixed_bytes
+    # What the file holds besides weights (nodes, names, Q/DQ scalars): measured ~1.4 kB per
+    # conv/linear layer on the tiny U-Net after name shortening; reserve the larger of that
+    # (with margin) and 1% of the budget.
+    overhead = max(GRAPH_OVERHEAD * cfg.size_budget * fp32, GRAPH_BYTES_PER_LAYER * len(plans))
+    budget = cfg.size_budget * fp32 - overhead - fixed_bytes
     if budget <= 0:
         raise InvalidInputError(
             f"--size-budget {cfg.size_budget} is infeasible: the layers outside the search already take "
@@ -187,7 +191,7 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
     predicted_bytes = 4 * (params - layer_params) + sum(p.weight_bytes() for p in plans)
     solution.update({"budget_fraction": cfg.size_budget, "fp32_bytes": fp32, "fixed_bytes": fixed_bytes,
                      "predicted_weight_bytes": predicted_bytes, "predicted_fraction": predicted_bytes / fp32,
-                     "graph_overhead_reserved": GRAPH_OVERHEAD, "eval_points": len(eval_points),
+                     "graph_overhead_reserved_bytes": overhead, "eval_points": len(eval_points),
                      "calibration_points": len(calib), "candidates": sorted({f for c in candidates.values() for f in c})})
     comparison = None
     if compare_auto_quantize:
@@ -197,6 +201,7 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
 
 # Share of the budget kept free for what the ONNX file holds besides weights (graph, shapes, names).
 GRAPH_OVERHEAD = 0.01
+GRAPH_BYTES_PER_LAYER = 2000
 
 
 def round_high_precision_weights(model) -> int:
