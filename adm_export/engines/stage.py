@@ -50,9 +50,11 @@ def ort_layer_precisions(onnx_path: Path, device: str, threads: int) -> dict:
         make_session(onnx_path, device, threads, optimized_path=optimized)
         graph = onnx.load(str(optimized), load_external_data=False).graph
     ops = collections.Counter(n.op_type for n in graph.node)
+    # Float compute runs in the graph's float type: FP16 for an FP16 export, FP32 otherwise.
+    float_name = "fp16" if graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else "fp32"
     precisions = {
         "int8": sum(v for k, v in ops.items() if k in _INTEGER_OPS),
-        "fp32": sum(v for k, v in ops.items() if k in _FLOAT_COMPUTE_OPS),
+        float_name: sum(v for k, v in ops.items() if k in _FLOAT_COMPUTE_OPS),
     }
     return {
         "layer_precisions": precisions,
