@@ -137,12 +137,23 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
             if available:
                 profile = trt_engine.EngineProfile(1, 2, 8, spec.frame_multiple, frames, max(frames, 4 * frames))
                 trt_dir = tmp / (flavor or "tensorrt-rtx")
-                trt_report = trt_engine.build_engine(onnx_path, trt_dir, spec, profile, flavor=flavor or "tensorrt-rtx")
-                # Paths inside the temporary folder mean nothing after the rename: keep names only.
-                for key in ("plan", "layers_json"):
-                    if trt_report.get(key):
-                        trt_report[key] = f"{trt_dir.name}/{Path(trt_report[key]).name}"
-                report["engines"][trt_dir.name] = {"built": True, **trt_report}
+                try:
+                    trt_report = trt_engine.build_engine(onnx_path, trt_dir, spec, profile,
+                                                         flavor=flavor or "tensorrt-rtx")
+                except trt_engine.EngineBuildError as exc:
+                    if flavor is not None:
+                        raise
+                    # Not asked for: a graph TensorRT-RTX cannot build (e.g. INT4 convolutions)
+                    # must not cost the user the ONNX Runtime engine; the report says why.
+                    report["engines"]["tensorrt-rtx"] = {"built": False, "reason": str(exc)}
+                    logger.warning("no TensorRT-RTX plan: %s", exc)
+                    trt_report = None
+                if trt_report is not None:
+                    # Paths inside the temporary folder mean nothing after the rename: keep names only.
+                    for key in ("plan", "layers_json"):
+                        if trt_report.get(key):
+                            trt_report[key] = f"{trt_dir.name}/{Path(trt_report[key]).name}"
+                    report["engines"][trt_dir.name] = {"built": True, **trt_report}
 
         primary = report["engines"].get(cfg.backend.value) or report["engines"].get("onnxruntime") or {}
         report["layer_precisions"] = primary.get("layer_precisions", {})
