@@ -84,6 +84,12 @@ HIGH_PRECISION_LAYERS = [
     # 1x1 skip projections of resnets: carry the residual stream between widths.
     ("*conv_shortcut*", "residual skip projection"),
     ("*norm_out*", "output normalisation"),
+    # The same roles under LDM names (Make-An-Audio's U-Net: input_blocks / middle_block / output_blocks).
+    ("time_embed.*", "LDM timestep embedding MLP"),
+    ("*emb_layers*", "LDM per-resblock timestep projection"),
+    ("input_blocks.0.0*", "LDM first conv: sees the raw latent"),
+    ("out.2*", "LDM last conv: writes the noise prediction itself"),
+    ("*skip_connection*", "LDM residual skip projection"),
 ]
 
 
