@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from adm_export.models.base import DenoiserSpec, ModelAdapter, TensorSpec
+from adm_export.models.base import DenoiserSpec, DiffusersUNetAdapter, TensorSpec
 
 
 class _AudioLDMExport:
@@ -33,14 +33,10 @@ class _AudioLDMExport:
         return AudioLDMDenoiser(unet)
 
 
-class AudioLDMAdapter(ModelAdapter):
+class AudioLDMAdapter(DiffusersUNetAdapter):
     """Adapter of diffusers' ``AudioLDMPipeline`` (AudioLDM-S/M/L and the embedded tiny model)."""
 
     family = "audioldm"
-
-    @property
-    def denoiser(self):
-        return self.pipeline.unet
 
     def denoiser_spec(self) -> DenoiserSpec:
         cfg = self.pipeline.unet.config
@@ -80,19 +76,7 @@ class AudioLDMAdapter(ModelAdapter):
     def export_module(self, denoiser=None):
         return _AudioLDMExport.make(denoiser if denoiser is not None else self.denoiser)
 
-    def wrap_output(self, output):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        return UNet2DConditionOutput(sample=output)
-
-    def set_denoiser(self, module) -> None:
-        # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config
-        # to name the engine wrapper's class.
-        object.__setattr__(self.pipeline, "unet", module)
-
-    @property
-    def sampling_rate(self) -> int:
-        return int(self.pipeline.vocoder.config.sampling_rate)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, audio_seconds: float,
                  guidance_scale: float) -> list:

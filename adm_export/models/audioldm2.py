@@ -28,7 +28,7 @@ import types
 from typing import Any, Sequence
 
 from adm_export.errors import InvalidInputError, ModelNotFoundError
-from adm_export.models.base import ModelAdapter, TensorSpec
+from adm_export.models.base import DiffusersUNetAdapter, TensorSpec
 from adm_export.models.conditioning import TextCondSpec, call_arg, pad_tokens, timestep_rows, usable_length
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class _Export:
         return AudioLDM2Denoiser(unet)
 
 
-class AudioLDM2Adapter(ModelAdapter):
+class AudioLDM2Adapter(DiffusersUNetAdapter):
     """Adapter of diffusers' ``AudioLDM2Pipeline`` (AudioLDM2, -large, -music; not the VITS TTS variant)."""
 
     family = "audioldm2"
@@ -123,9 +123,6 @@ class AudioLDM2Adapter(ModelAdapter):
         ensure_language_model_generation(pipeline)
 
     # -- the denoiser ---------------------------------------------------------------------------
-    @property
-    def denoiser(self):
-        return self.pipeline.unet
 
     @property
     def text_len(self) -> int:
@@ -211,19 +208,8 @@ class AudioLDM2Adapter(ModelAdapter):
         names = tuple(t.name for t in self.denoiser_spec().inputs)
         return _Export.make(denoiser if denoiser is not None else self.denoiser, names)
 
-    def wrap_output(self, output):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=output)
-
-    def set_denoiser(self, module) -> None:
-        # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config.
-        object.__setattr__(self.pipeline, "unet", module)
 
     # -- sampling ---------------------------------------------------------------------------------
-    @property
-    def sampling_rate(self) -> int:
-        return int(self.pipeline.vocoder.config.sampling_rate)
 
     def encode(self, prompt: str, guidance: bool):
         """Encode one prompt exactly as the pipeline does for a batch of one, T5 stream padded.

@@ -190,3 +190,26 @@ class ModelAdapter(abc.ABC):
             yield
         finally:
             self.set_denoiser(original)
+
+
+class DiffusersUNetAdapter(ModelAdapter):
+    """Shared parts of adapters whose denoiser is ``pipeline.unet`` (a diffusers-style U-Net that
+    returns ``UNet2DConditionOutput``) and whose pipeline has a ``vocoder`` with a sampling rate."""
+
+    @property
+    def denoiser(self):
+        return self.pipeline.unet
+
+    def wrap_output(self, output):
+        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+        return UNet2DConditionOutput(sample=output)
+
+    def set_denoiser(self, module) -> None:
+        # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's saved config
+        # to name the engine wrapper's class.
+        object.__setattr__(self.pipeline, "unet", module)
+
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.pipeline.vocoder.config.sampling_rate)

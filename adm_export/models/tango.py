@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from adm_export.errors import ModelNotFoundError
-from adm_export.models.base import ModelAdapter, TensorSpec
+from adm_export.models.base import DiffusersUNetAdapter, TensorSpec
 from adm_export.models.conditioning import TextCondSpec, call_arg, pad_tokens, timestep_rows, usable_length
 
 logger = logging.getLogger(__name__)
@@ -245,14 +245,10 @@ class _Export:
         return TangoDenoiser(unet)
 
 
-class TangoAdapter(ModelAdapter):
+class TangoAdapter(DiffusersUNetAdapter):
     """Adapter of :class:`TangoPipeline` (TANGO, TANGO-full, TANGO 2 and the embedded tiny model)."""
 
     family = "tango"
-
-    @property
-    def denoiser(self):
-        return self.pipeline.unet
 
     @property
     def text_len(self) -> int:
@@ -296,17 +292,7 @@ class TangoAdapter(ModelAdapter):
     def export_module(self, denoiser=None):
         return _Export.make(denoiser if denoiser is not None else self.denoiser)
 
-    def wrap_output(self, output):
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-        return UNet2DConditionOutput(sample=output)
-
-    def set_denoiser(self, module) -> None:
-        object.__setattr__(self.pipeline, "unet", module)
-
-    @property
-    def sampling_rate(self) -> int:
-        return int(self.pipeline.vocoder.config.sampling_rate)
 
     def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, audio_seconds: float,
                  guidance_scale: float) -> list:
