@@ -42,9 +42,7 @@ class AudioLDMAdapter(DiffusersUNetAdapter):
         cfg = self.pipeline.unet.config
         vocoder = self.pipeline.vocoder.config
         scale = self.pipeline.vae_scale_factor
-        hop = 1
-        for r in vocoder.upsample_rates:
-            hop *= r
+        hop = self.vocoder_hop()
         mel_fps = vocoder.sampling_rate / hop
         mel_bins = vocoder.model_in_dim
         n_down = len(cfg.block_out_channels) - 1
@@ -102,19 +100,5 @@ class AudioLDMAdapter(DiffusersUNetAdapter):
 
     def _latent_shape(self, seconds: float) -> tuple[int, ...]:
         spec = self.denoiser_spec()
-        shape = spec.concrete_shape("sample", {"batch": 1, "frames": self._frames_as_pipeline(seconds)})
+        shape = spec.concrete_shape("sample", {"batch": 1, "frames": self.pipeline_latent_frames(seconds)})
         return shape[1:]
-
-    def _frames_as_pipeline(self, seconds: float) -> int:
-        """Latent frames exactly as ``AudioLDMPipeline.__call__`` computes them."""
-        import math
-
-        vocoder = self.pipeline.vocoder.config
-        hop = 1
-        for r in vocoder.upsample_rates:
-            hop *= r
-        height = int(seconds / (hop / vocoder.sampling_rate))
-        scale = self.pipeline.vae_scale_factor
-        if height % scale:
-            height = int(math.ceil(height / scale)) * scale
-        return height // scale

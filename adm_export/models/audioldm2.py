@@ -160,9 +160,7 @@ class AudioLDM2Adapter(DiffusersUNetAdapter):
         cfg = self.pipeline.unet.config
         vocoder = self.pipeline.vocoder.config
         scale = self.pipeline.vae_scale_factor
-        hop = 1
-        for r in vocoder.upsample_rates:
-            hop *= r
+        hop = self.vocoder_hop()
         mel_bins = vocoder.model_in_dim
         d0, d1 = self.stream_dims()
         inputs = [
@@ -265,14 +263,6 @@ class AudioLDM2Adapter(DiffusersUNetAdapter):
 
     def _latent_shape(self, seconds: float) -> tuple[int, ...]:
         """Latent shape (without batch) exactly as ``AudioLDM2Pipeline.__call__`` computes it."""
-        import math
-
-        vocoder = self.pipeline.vocoder.config
-        hop = 1
-        for r in vocoder.upsample_rates:
-            hop *= r
-        height = int(seconds / (hop / vocoder.sampling_rate))
-        scale = self.pipeline.vae_scale_factor
-        if height % scale:
-            height = int(math.ceil(height / scale)) * scale
-        return (self.pipeline.unet.config.in_channels, height // scale, vocoder.model_in_dim // scale)
+        mel_bins = self.pipeline.vocoder.config.model_in_dim
+        return (self.pipeline.unet.config.in_channels, self.pipeline_latent_frames(seconds),
+                mel_bins // self.pipeline.vae_scale_factor)

@@ -213,3 +213,21 @@ class DiffusersUNetAdapter(ModelAdapter):
     @property
     def sampling_rate(self) -> int:
         return int(self.pipeline.vocoder.config.sampling_rate)
+
+    def vocoder_hop(self) -> int:
+        """Audio samples per mel frame: the product of the vocoder's upsampling rates."""
+        hop = 1
+        for r in self.pipeline.vocoder.config.upsample_rates:
+            hop *= r
+        return hop
+
+    def pipeline_latent_frames(self, seconds: float) -> int:
+        """Latent frames for ``seconds`` exactly as the AudioLDM(2) pipelines compute them: mel frames
+        rounded up to a multiple of the VAE factor."""
+        import math
+
+        height = int(seconds / (self.vocoder_hop() / self.sampling_rate))
+        scale = self.pipeline.vae_scale_factor
+        if height % scale:
+            height = int(math.ceil(height / scale)) * scale
+        return height // scale

@@ -258,9 +258,7 @@ class TangoAdapter(DiffusersUNetAdapter):
         cfg = self.pipeline.unet.config
         vocoder = self.pipeline.vocoder.config
         scale = self.pipeline.vae_scale_factor
-        hop = 1
-        for r in vocoder.upsample_rates:
-            hop *= r
+        hop = self.vocoder_hop()
         width = vocoder.model_in_dim // scale
         cross = cfg.cross_attention_dim
         cross = int(cross[0] if isinstance(cross, (list, tuple)) else cross)
