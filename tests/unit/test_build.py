@@ -6,22 +6,8 @@ import json
 
 import onnx
 
-# DESIGN.md §3: keys that tests and CI read; they must stay stable.
-REPORT_KEYS = [
-    "model", "precision", "device", "versions", "stages",
-    "size.unet_fp32_bytes", "size.unet_fp16_bytes", "size.unet_export_bytes",
-    "size.reduction_vs_fp32", "size.reduction_vs_fp16",
-    "parity.onnx_vs_torch_rel_l2", "engine.backend", "engine.layer_precisions",
-    "eval.num_clips", "eval.embedder", "eval.fd_baseline_vs_ref", "eval.fd_quantized_vs_baseline",
-    "eval.fd_increase_pct", "eval.gate.passed", "eval.gate.threshold",
-]
-
-
-def _get(d, dotted):
-    for part in dotted.split("."):
-        assert part in d, f"missing report key {dotted!r}"
-        d = d[part]
-    return d
+from tests.helpers import REPORT_KEYS
+from tests.helpers import get_key as _get
 
 
 def test_build_exits_zero_and_writes_every_stage(tiny_build):

@@ -5,21 +5,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from adm_export.cli import cli
-
-
-def run(*args):
-    return CliRunner().invoke(cli, ["--quiet", *map(str, args)])
-
-
-def one_error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ")
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[0]
+from tests.helpers import one_error_line, run
 
 
 def test_help_works():

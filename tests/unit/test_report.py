@@ -9,26 +9,11 @@ import pytest
 
 from adm_export.eval import figures, harness
 from adm_export.eval.report import make_report, render_markdown, write_report
+from tests.helpers import REPORT_KEYS as CONTRACT
+from tests.helpers import get_key as _get
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SR = 16000
-
-# DESIGN.md §3: keys tests and CI read.
-CONTRACT = [
-    "model", "precision", "device", "versions", "stages",
-    "size.unet_fp32_bytes", "size.unet_fp16_bytes", "size.unet_export_bytes",
-    "size.reduction_vs_fp32", "size.reduction_vs_fp16",
-    "parity.onnx_vs_torch_rel_l2", "engine.backend", "engine.layer_precisions",
-    "eval.num_clips", "eval.embedder", "eval.fd_baseline_vs_ref", "eval.fd_quantized_vs_baseline",
-    "eval.fd_increase_pct", "eval.gate.passed", "eval.gate.threshold",
-]
-
-
-def _get(d, dotted):
-    for part in dotted.split("."):
-        assert isinstance(d, dict) and part in d, f"missing report key {dotted!r}"
-        d = d[part]
-    return d
 
 
 def _interval(est, lo, hi, bias=0.5):

@@ -7,25 +7,12 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
-from adm_export.cli import cli
 from adm_export.errors import InvalidInputError, MissingDependencyError
+from tests.helpers import one_error_line, run
 
 SECONDS = 1.28  # 32 latent frames: 20480 samples at 16 kHz
 STEPS = 2
-
-
-def run(*args):
-    return CliRunner().invoke(cli, ["--quiet", *map(str, args)])
-
-
-def one_error_line(result) -> str:
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ")
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
