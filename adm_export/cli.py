@@ -142,6 +142,14 @@ def quant_options(f):
                      help="Change formats the target cannot run (reported) instead of refusing."),
         click.option("--placement", type=_choices(Placement), default=Placement.TENSORRT.value, show_default=True,
                      help="Q/DQ placement: tensorrt, or onnxruntime (DQ -> Conv -> Q for integer kernels)."),
+        click.option("--sensitivity-points", type=int, default=4, show_default=True,
+                     help="For --precision mixed: calibration points the sensitivity is measured on."),
+        click.option("--sensitivity-granularity", type=click.Choice(["layer", "block"]), default="layer",
+                     show_default=True, help="For --precision mixed: one format per layer, or per U-Net block "
+                     "(~5x fewer trials, for full-size models on a CPU)."),
+        click.option("--trajectory-check", type=int, default=2, show_default=True,
+                     help="For --precision mixed: most sensitive items per format re-measured on a short "
+                     "sampler run (final-latent error); 0: off."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -238,7 +246,8 @@ def _summary(report: dict) -> None:
 @calibration_options
 @eval_options
 @handle_errors
-def build(model, out, force, precision, size_budget, engine, run_eval, policy, target, allow_adjust, placement, captions, num_prompts, augment, steps, points,
+def build(model, out, force, precision, size_budget, engine, run_eval, policy, target, allow_adjust, placement,
+          sensitivity_points, sensitivity_granularity, trajectory_check, captions, num_prompts, augment, steps, points,
           select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase, max_drift,
           embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
@@ -251,7 +260,8 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
                                         guidance_scale, seed, device),
         quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                                 target=_target(target, engine, device), allow_adjust=allow_adjust,
-                                placement=placement),
+                                placement=placement, sensitivity_points=sensitivity_points,
+                                sensitivity_granularity=sensitivity_granularity, trajectory_check=trajectory_check),
         export=ExportConfig(placement=placement),
         engine=EngineConfig(backend=engine, device=device),
         eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
@@ -297,19 +307,18 @@ def calibrate(model, out, force, captions, num_prompts, augment, steps, points, 
 @click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
 @click.option("--size-budget", type=float, default=None)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--sensitivity-points", type=int, default=4, show_default=True,
-              help="For --precision mixed: calibration points the per-layer sensitivity is measured on.")
 @quant_options
 @handle_errors
-def quantize(model, calibration, out, force, precision, size_budget, device, sensitivity_points, policy, target,
-             allow_adjust, placement):
+def quantize(model, calibration, out, force, precision, size_budget, device, policy, target, allow_adjust, placement,
+             sensitivity_points, sensitivity_granularity, trajectory_check):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
     from adm_export.config import QuantizeConfig
     from adm_export.export.quantize import quantize as run
 
     cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                          target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,
-                         sensitivity_points=sensitivity_points)
+                         sensitivity_points=sensitivity_points, sensitivity_granularity=sensitivity_granularity,
+                         trajectory_check=trajectory_check)
     manifest = run(cfg, calibration, out, force=force, model_id=model)
     err = manifest["quant_error_rel_l2"]
     click.echo(f"quantized ({precision}): {manifest['quantizers']['weight']} layers; error vs full precision "

@@ -137,6 +137,10 @@ class QuantizeConfig:
         allow_adjust: Change formats the target cannot run instead of refusing (``--allow-adjust``).
         placement: Q/DQ placement; ``onnxruntime`` also quantizes INT8 convolutions' outputs.
         sensitivity_points: Calibration points the ``mixed`` sensitivity search measures on.
+        sensitivity_granularity: ``layer`` (every conv/linear layer its own format) or ``block``
+            (one format per U-Net block; ~5x fewer sensitivity trials).
+        trajectory_check: Items per format whose sensitivity is also measured on a short sampler
+            run (final-latent error); 0 turns the check off.
     """
 
     precision: Precision = Precision.INT8
@@ -147,6 +151,8 @@ class QuantizeConfig:
     allow_adjust: bool = False
     placement: Placement = Placement.TENSORRT
     sensitivity_points: int = 4
+    sensitivity_granularity: str = "layer"
+    trajectory_check: int = 2
 
     def __post_init__(self):
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "--precision"))
@@ -161,6 +167,11 @@ class QuantizeConfig:
 
         parse_target(self.target)
         _positive("--sensitivity-points", self.sensitivity_points)
+        if self.sensitivity_granularity not in ("layer", "block"):
+            raise InvalidInputError(
+                f"invalid --sensitivity-granularity {self.sensitivity_granularity!r}: use 'layer' or 'block'")
+        if self.trajectory_check < 0:
+            raise InvalidInputError(f"invalid --trajectory-check {self.trajectory_check!r}: must be >= 0 (0: off)")
         _check_device(self.device)
 
 

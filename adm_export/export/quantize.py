@@ -152,14 +152,27 @@ def plan_layers(cfg: QuantizeConfig, adapter):
 
 
 def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, policy, references_for,
-                 compare_auto_quantize: bool = True):
-    """Sensitivity search for the ``auto`` layers; returns ``(plans, search_report)``."""
+                 compare_auto_quantize: bool = True, final_latents=None):
+    """Sensitivity search for the ``auto`` layers; returns ``(plans, search_report)``.
+
+    Args:
+        cfg: Quantization settings (budget, granularity, trajectory check).
+        adapter: The model adapter.
+        cache: The calibration cache (points; prompts and sampler settings of the trajectory check).
+        plans: Resolved layer plans; the ``auto`` ones are searched.
+        policy: The policy the plans came from.
+        references_for: ``references_for(points) -> full-precision outputs``.
+        compare_auto_quantize: Also run ModelOpt's ``mtq.auto_quantize`` side by side.
+        final_latents: ``final_latents(model) -> tensors`` for the trajectory check; default a short
+            sampler run on the cache's first prompts (:func:`short_trajectory`).
+    """
     from adm_export.export import capabilities, policy as pol, sensitivity
 
     modules = {n: m for n, _, m in pol.compute_layers(adapter.denoiser)}
     auto = [p for p in plans if p.format == "auto"]
     fixed = [p for p in plans if p.format != "auto"]
     candidates = {p.name: capabilities.allowed_formats(cfg.target, p.kind, p.candidates) or ["fp16"] for p in auto}
+    groups = sensitivity.group_plans(auto, cfg.sensitivity_granularity)
     calib = list(cache.points())
     from adm_export.export.onnx import parity_points
 
@@ -169,7 +182,14 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
     def quantize_fn(trial, pts):
         return quantize_with_plans(adapter, pts, [*fixed, *trial], "tensorrt")
 
-    table = sensitivity.measure(adapter, calib, eval_points, auto, candidates, quantize_fn, refs, policy.int4_convs)
+    table = sensitivity.measure(adapter, calib, eval_points, auto, candidates, quantize_fn, refs, policy.int4_convs,
+                                groups)
+    trajectory, trajectory_settings = {}, None
+    if cfg.trajectory_check > 0:
+        if final_latents is None:
+            final_latents, trajectory_settings = short_trajectory(adapter, cache)
+        trajectory = sensitivity.check_trajectories(adapter, calib, auto, candidates, quantize_fn, table, groups,
+                                                    final_latents, cfg.trajectory_check, policy.int4_convs)
     params = adapter.denoiser_parameter_count()
     fp32 = 4 * params
     # Bytes not owned by a searched layer: FP32 non-layer parameters (biases, norms) and the
@@ -185,18 +205,61 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
         raise InvalidInputError(
             f"--size-budget {cfg.size_budget} is infeasible: the layers outside the search already take "
             f"{fixed_bytes / fp32:.1%} of the FP32 size; raise --size-budget")
-    chosen, ranking, solution = sensitivity.choose(auto, table, candidates, budget, modules, policy.int4_convs)
+    chosen, ranking, solution = sensitivity.choose(auto, table, candidates, budget, modules, policy.int4_convs,
+                                                   groups=groups, trajectory=trajectory)
     by_name = {p.name: p for p in chosen}
     plans = [by_name.get(p.name, p) for p in plans]
     predicted_bytes = 4 * (params - layer_params) + sum(p.weight_bytes() for p in plans)
     solution.update({"budget_fraction": cfg.size_budget, "fp32_bytes": fp32, "fixed_bytes": fixed_bytes,
                      "predicted_weight_bytes": predicted_bytes, "predicted_fraction": predicted_bytes / fp32,
                      "graph_overhead_reserved_bytes": overhead, "eval_points": len(eval_points),
-                     "calibration_points": len(calib), "candidates": sorted({f for c in candidates.values() for f in c})})
+                     "calibration_points": len(calib), "granularity": cfg.sensitivity_granularity,
+                     "trajectory_check": {"top_k": cfg.trajectory_check, **(trajectory_settings or {})},
+                     "candidates": sorted({f for c in candidates.values() for f in c})})
     comparison = None
     if compare_auto_quantize:
         comparison = sensitivity.auto_quantize_comparison(adapter, calib, eval_points, refs, 32 * cfg.size_budget)
     return plans, {"ranking": ranking, "solution": solution, "modelopt_auto_quantize": comparison}
+
+
+# The trajectory check's sampler run: few steps on the cache's first prompts (its own seeds).
+TRAJECTORY_STEPS = 4
+TRAJECTORY_PROMPTS = 2
+
+
+def short_trajectory(adapter, cache: CalibrationCache):
+    """A ``final_latents(model)`` function for the trajectory check, and its settings.
+
+    Runs the sampler (``TRAJECTORY_STEPS`` steps, the cache's audio length and guidance) on the
+    cache's first prompts with ``model`` as the denoiser and returns what reaches the VAE
+    decoder: the final latents. Pipelines without a ``vae.decoder`` fall back to the waveforms.
+    """
+    import torch
+
+    calib_cfg = cache.manifest["config"]
+    prompts = cache.prompts()[:TRAJECTORY_PROMPTS]
+    seeds = [int(calib_cfg.get("seed", 0)) + i for i in range(len(prompts))]
+    decoder = getattr(getattr(adapter.pipeline, "vae", None), "decoder", None)
+    settings = {"steps": TRAJECTORY_STEPS, "prompts": len(prompts), "audio_seconds": calib_cfg["audio_seconds"],
+                "compared": "final latents (VAE decoder input)" if decoder is not None else "waveforms"}
+
+    def final_latents(model):
+        seen: list = []
+        handle = None
+        if decoder is not None:
+            handle = decoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().float().cpu()))
+        try:
+            with contextlib.ExitStack() as stack:
+                if model is not None:
+                    stack.enter_context(adapter.using_denoiser(model))
+                audio = adapter.generate(prompts, seeds, TRAJECTORY_STEPS, calib_cfg["audio_seconds"],
+                                         calib_cfg["guidance_scale"])
+        finally:
+            if handle is not None:
+                handle.remove()
+        return seen if seen else [torch.as_tensor(a) for a in audio]
+
+    return final_latents, settings
 
 
 # Share of the budget kept free for what the ONNX file holds besides weights (graph, shapes, names).

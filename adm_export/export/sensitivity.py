@@ -13,6 +13,17 @@
    rounded *up* to ``budget / resolution`` units (so a found choice is always within budget).
 4. Prediction: ``sqrt(sum of the chosen sensitivities)`` is the predicted relative error of the
    mixed model; the quantize stage then measures the real one and reports both.
+
+Granularity (``--sensitivity-granularity``): ``layer`` measures and chooses every conv/linear
+layer on its own; ``block`` groups them by U-Net block (a ResNet block, a transformer block, a
+down/up sampler, the time embedding: :func:`block_of`), measures a block with all its layers in
+a format at once and gives the whole block one format. Blocks need ~5x fewer trials (the
+AudioLDM-S-sized U-Net: 284 layers, 53 blocks), at the price of a coarser choice.
+
+Trajectory check (``--trajectory-check K``): one U-Net call can hide errors that grow along the
+sampler. For each format, the K items with the largest one-call error are re-measured by the
+final-latent error of a short sampler run (the decoder's input, same prompts and seeds) with
+only that item quantized; the report lists both numbers side by side.
 """
 
 from __future__ import annotations
@@ -91,9 +102,48 @@ def _quantizers(module):
             if getattr(getattr(module, n, None), "is_enabled", False)]
 
 
+def block_of(name: str) -> str:
+    """The U-Net block a layer belongs to, for ``--sensitivity-granularity block``.
+
+    diffusers names: ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` ->
+    ``down_blocks.1.attentions.0``; ``mid_block.resnets.1.conv2`` -> ``mid_block.resnets.1``;
+    ``time_embedding.linear_1`` -> ``time_embedding``. LDM names (Make-An-Audio):
+    ``input_blocks.4.1.proj_in`` -> ``input_blocks.4.1``; ``middle_block.1.norm`` -> ``middle_block.1``.
+    """
+    parts = name.split(".")
+    numbers = [i for i, s in enumerate(parts) if s.isdigit()]
+    if parts[0] in ("down_blocks", "up_blocks", "input_blocks", "output_blocks") and len(numbers) >= 2:
+        return ".".join(parts[: numbers[1] + 1])
+    if parts[0] in ("mid_block", "middle_block") and numbers:
+        return ".".join(parts[: numbers[0] + 1])
+    return parts[0]
+
+
+def group_plans(plans, granularity: str = "layer") -> dict[str, list[str]]:
+    """Search items: ``{item: [layer names]}`` in network order (one layer each for ``layer``).
+
+    Raises:
+        InvalidInputError: ``granularity`` is not ``layer`` or ``block``.
+    """
+    if granularity not in ("layer", "block"):
+        raise InvalidInputError(f"invalid --sensitivity-granularity {granularity!r}: use 'layer' or 'block'")
+    groups: dict[str, list[str]] = {}
+    for p in plans:
+        groups.setdefault(p.name if granularity == "layer" else block_of(p.name), []).append(p.name)
+    return groups
+
+
+def _trial(plans, fmt: str, candidates: dict[str, list[str]], modules: dict, int4_convs: bool):
+    """Every layer that can take ``fmt`` gets it; the others stay in FP16."""
+    from adm_export.export.policy import with_format
+
+    return [with_format(p, fmt if fmt in candidates[p.name] else "fp16", modules[p.name], int4_convs) for p in plans]
+
+
 def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, candidates: dict[str, list[str]],
-            quantize_fn: Callable, references: list, int4_convs: bool = True) -> dict[str, dict[str, float]]:
-    """Per-layer sensitivity: ``{layer: {format: mean squared rel-L2 output error}}``.
+            quantize_fn: Callable, references: list, int4_convs: bool = True,
+            groups: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+    """Per-item sensitivity: ``{item: {format: mean squared rel-L2 output error}}``.
 
     Args:
         adapter: The model adapter.
@@ -101,79 +151,165 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
         eval_points: Points the error is measured on.
         plans: The resolved (``auto``) layer plans.
         candidates: ``{layer: [formats the target can run]}``.
-        quantize_fn: ``quantize_fn(plans) -> model`` quantizing a copy of the denoiser.
+        quantize_fn: ``quantize_fn(plans, points) -> model`` quantizing a copy of the denoiser.
         references: Full-precision outputs on ``eval_points``.
         int4_convs: The policy's INT4-convolution switch.
+        groups: Search items (:func:`group_plans`); default one item per layer. An item is
+            measured in a format with all its layers that can take the format quantized at once.
     """
     import torch
 
-    from adm_export.export.policy import with_format
     from adm_export.export.quantize import rel_l2, run_denoiser
 
+    groups = groups or group_plans(plans)
     modules = dict((n, m) for n, m in adapter.denoiser.named_modules())
     formats = sorted({f for fs in candidates.values() for f in fs if f != "fp16"})
-    table: dict[str, dict[str, float]] = {p.name: {"fp16": 0.0} for p in plans}
+    table: dict[str, dict[str, float]] = {item: {"fp16": 0.0} for item in groups}
     for fmt in formats:
-        # Every layer that can take this format gets it; the others stay in FP16.
-        trial = [with_format(p, fmt if fmt in candidates[p.name] else "fp16", modules[p.name], int4_convs)
-                 for p in plans]
+        trial = _trial(plans, fmt, candidates, modules, int4_convs)
         model = quantize_fn(trial, calib_points)
-        layers = dict(model.named_modules())
-        saved = {}
-        for p in trial:
-            qs = _quantizers(layers[p.name])
-            saved[p.name] = qs
-            for q in qs:
-                q.disable()
-        for p in progress(trial, desc=f"sensitivity {fmt}", unit="layer"):
-            if p.format != fmt:
-                continue  # fell back (no INT4 block fits) or not a candidate here: measured as its own format
-            for q in saved[p.name]:
-                q.enable()
-            with torch.no_grad():
+        switch = _Switch(model, trial)
+        for item, names in progress(list(groups.items()), desc=f"sensitivity {fmt}", unit="item"):
+            # Layers that fell back (no INT4 block fits) or cannot take fmt stay unquantized.
+            members = [n for n in names if switch.format[n] == fmt]
+            if not members:
+                continue
+            with switch.on(members), torch.no_grad():
                 errs = [rel_l2(run_denoiser(adapter, model, x), ref) ** 2 for x, ref in zip(eval_points, references)]
-            table[p.name][fmt] = sum(errs) / len(errs)
-            for q in saved[p.name]:
-                q.disable()
-        del model
+            table[item][fmt] = sum(errs) / len(errs)
+        del model, switch
     return table
 
 
+class _Switch:
+    """Turns the quantizers of chosen layers on, all others off, in a model quantized for a trial."""
+
+    def __init__(self, model, trial):
+        layers = dict(model.named_modules())
+        self.format = {p.name: p.format for p in trial}
+        self.quantizers = {p.name: _quantizers(layers[p.name]) for p in trial}
+        for qs in self.quantizers.values():
+            for q in qs:
+                q.disable()
+
+    @contextlib.contextmanager
+    def on(self, names):
+        for n in names:
+            for q in self.quantizers[n]:
+                q.enable()
+        try:
+            yield
+        finally:
+            for n in names:
+                for q in self.quantizers[n]:
+                    q.disable()
+
+
+def check_trajectories(adapter, calib_points: list[dict], plans, candidates: dict[str, list[str]],
+                       quantize_fn: Callable, table: dict[str, dict[str, float]], groups: dict[str, list[str]],
+                       final_latents: Callable, top_k: int, int4_convs: bool = True) -> dict[str, dict[str, float]]:
+    """Final-latent error of a short sampler run for the ``top_k`` most sensitive items per format.
+
+    Args:
+        adapter: The model adapter.
+        calib_points: Points the quantizers are calibrated on (as in :func:`measure`).
+        plans: The resolved (``auto``) layer plans.
+        candidates: ``{layer: [formats]}``.
+        quantize_fn: As in :func:`measure`.
+        table: :func:`measure`'s result (which items are the most sensitive).
+        groups: The search items.
+        final_latents: ``final_latents(model) -> list of tensors``: the short sampler run with
+            ``model`` as the denoiser (``None``: full precision), same prompts and seeds each call.
+        top_k: Items checked per format.
+
+    Returns:
+        ``{item: {format: rel-L2 of the final latents vs full precision (RMS over the runs)}}``.
+    """
+    from adm_export.export.quantize import rel_l2
+
+    if top_k <= 0:
+        return {}
+    modules = dict((n, m) for n, m in adapter.denoiser.named_modules())
+    reference = final_latents(None)
+    formats = sorted({f for row in table.values() for f in row if f != "fp16"})
+    checks: dict[str, dict[str, float]] = {}
+    for fmt in formats:
+        ranked = sorted((item for item in table if fmt in table[item]), key=lambda i: -table[i][fmt])[:top_k]
+        if not ranked:
+            continue
+        trial = _trial(plans, fmt, candidates, modules, int4_convs)
+        model = quantize_fn(trial, calib_points)
+        switch = _Switch(model, trial)
+        for item in progress(ranked, desc=f"trajectory check {fmt}", unit="item"):
+            with switch.on([n for n in groups[item] if switch.format[n] == fmt]):
+                got = final_latents(model)
+            errs = [rel_l2(a, b) for a, b in zip(got, reference)]
+            checks.setdefault(item, {})[fmt] = math.sqrt(sum(e * e for e in errs) / len(errs))
+        del model, switch
+    return checks
+
+
 def choose(plans, table: dict[str, dict[str, float]], candidates: dict[str, list[str]], budget_bytes: float,
-           modules: dict, int4_convs: bool, resolution: int = 4000):
+           modules: dict, int4_convs: bool, resolution: int = 4000, groups: dict[str, list[str]] | None = None,
+           trajectory: dict[str, dict[str, float]] | None = None):
     """Solve the budget and return ``(plans, ranking, solution)``.
 
-    ``ranking`` lists layers from most to least sensitive (by their error in the most compressed
-    format measured); ``solution`` has the byte and sensitivity totals and the predicted error.
+    An item's option ``fmt`` puts every layer of the item that can take ``fmt`` in it (exactly
+    the layers :func:`measure` quantized for that trial) and keeps the others in FP16.
+    ``ranking`` lists items from most to least sensitive (by their error in the worst format
+    measured), with their trajectory check where one was made; ``solution`` has the byte and
+    sensitivity totals and the predicted error.
     """
     from adm_export.export.policy import with_format
 
-    options, labels = [], []
-    for p in plans:
-        opts, labs = [], []
-        for fmt in candidates[p.name]:
-            if fmt not in table[p.name]:
-                continue
-            realized = with_format(p, fmt, modules[p.name], int4_convs)
-            if realized.format != fmt:
-                continue
-            opts.append((realized.weight_bytes(), table[p.name][fmt]))
-            labs.append(fmt)
-        options.append(opts)
-        labels.append(labs)
-    picked, total_b, total_c = solve_budget(options, budget_bytes, resolution)
-    chosen = [with_format(p, labels[i][j], modules[p.name], int4_convs, "chosen by the sensitivity search")
-              for i, (p, j) in enumerate(zip(plans, picked))]
+    groups = groups or group_plans(plans)
+    by_name = {p.name: p for p in plans}
 
-    def worst(name):
-        errs = [v for k, v in table[name].items() if k != "fp16"]
+    def realize(name: str, fmt: str):
+        p = by_name[name]
+        if fmt != "fp16" and fmt in candidates[name]:
+            realized = with_format(p, fmt, modules[name], int4_convs, "chosen by the sensitivity search")
+            if realized.format == fmt:
+                return realized
+        return with_format(p, "fp16", modules[name], int4_convs, "chosen by the sensitivity search")
+
+    items = list(groups)
+    options, realized_options = [], []
+    for item in items:
+        opts, reals = [], []
+        for fmt, cost in table[item].items():
+            members = [realize(n, fmt) for n in groups[item]]
+            if fmt != "fp16" and not any(m.format == fmt for m in members):
+                continue
+            opts.append((sum(m.weight_bytes() for m in members), cost))
+            reals.append((fmt, members))
+        options.append(opts)
+        realized_options.append(reals)
+    picked, total_b, total_c = solve_budget(options, budget_bytes, resolution)
+    chosen_by_name, chosen_fmt = {}, {}
+    for item, reals, j in zip(items, realized_options, picked):
+        chosen_fmt[item] = reals[j][0]
+        for m in reals[j][1]:
+            chosen_by_name[m.name] = m
+    chosen = [chosen_by_name[p.name] for p in plans]
+
+    def worst(item):
+        errs = [v for k, v in table[item].items() if k != "fp16"]
         return max(errs) if errs else 0.0
 
-    ranking = sorted(({"layer": p.name, "kind": p.kind, "params": p.params,
-                       "sensitivity": {k: v for k, v in table[p.name].items()}, "chosen": c.format}
-                      for p, c in zip(plans, chosen)), key=lambda r: -worst(r["layer"]))
+    ranking = []
+    for item in sorted(items, key=lambda i: -worst(i)):
+        members = [by_name[n] for n in groups[item]]
+        kinds = sorted({m.kind for m in members})
+        entry = {"layer": item, "kind": kinds[0] if len(kinds) == 1 else "+".join(kinds), "layers": len(members),
+                 "params": sum(m.params for m in members), "sensitivity": dict(table[item]),
+                 "chosen": chosen_fmt[item]}
+        if trajectory and item in trajectory:
+            entry["trajectory_rel_l2"] = dict(trajectory[item])
+        ranking.append(entry)
     return chosen, ranking, {"searched_bytes": total_b, "searched_budget_bytes": budget_bytes,
-                             "total_sensitivity": total_c, "predicted_rel_l2": math.sqrt(max(total_c, 0.0))}
+                             "total_sensitivity": total_c, "predicted_rel_l2": math.sqrt(max(total_c, 0.0)),
+                             "items": len(items)}
 
 
 def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict], references: list,
