@@ -2,7 +2,9 @@
 
 Bars are tqdm bars on stderr, switched off with ``--no-progress`` (CLI) or the environment
 variable ``ADM_EXPORT_NO_PROGRESS=1`` (CI logs), and always off when stderr is not a terminal
-unless forced on.
+unless forced on. Without a bar, a loop that runs longer than ``HEARTBEAT_SECONDS`` logs a line
+(``desc: i/total unit, elapsed, ETA``) every ``HEARTBEAT_SECONDS``, so long stages in CI logs
+still show that they progress.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 _enabled: bool | None = None
+logger = logging.getLogger(__name__)
+HEARTBEAT_SECONDS = 30.0
 
 
 def set_progress(enabled: bool | None) -> None:
@@ -35,11 +39,25 @@ def progress_enabled() -> bool:
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
     """Wrap a loop in a tqdm bar when progress is enabled."""
     if not progress_enabled():
-        yield from iterable
+        yield from _heartbeat(iterable, desc, total, unit)
         return
     from tqdm.auto import tqdm
 
     yield from tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True)
+
+
+def _heartbeat(iterable: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    start = last = time.perf_counter()
+    for i, item in enumerate(iterable):
+        now = time.perf_counter()
+        if now - last >= HEARTBEAT_SECONDS:
+            last = now
+            elapsed = now - start
+            eta = f", about {elapsed / i * (total - i):.0f} s left" if total and i else ""
+            logger.info("%s: %d/%s %s, %.0f s%s", desc, i, total if total else "?", unit, elapsed, eta)
+        yield item
 
 
 @contextlib.contextmanager

@@ -307,6 +307,7 @@ def render_markdown(report: dict) -> str:
             f"- parity check: {'passed' if parity['passed'] else 'FAILED' if parity['passed'] is False else '–'}",
             "",
         ]
+    lines += render_quantization(report.get("quantization") or {})
     lines += [
         "## Engine",
         "",
@@ -319,6 +320,59 @@ def render_markdown(report: dict) -> str:
                                           f"(source: {e.get('source')})" if e.get("built") else f"not built ({e.get('reason')})"))
     lines += ["", "## Quality", "", *render_quality(ev)]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_quantization(quant: dict, top: int = 10) -> list[str]:
+    """Markdown lines for the per-layer formats and, for ``mixed``, the sensitivity search."""
+    lines: list[str] = []
+    formats = quant.get("formats") or {}
+    if formats:
+        lines += ["## Formats", "", "| format | layers | parameters |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v.get('layers')} | {v.get('params'):,} |" for k, v in sorted(formats.items())]
+        changes = (quant.get("capability") or {}).get("changes") or []
+        if changes:
+            lines += ["", f"{len(changes)} layer(s) changed for the target (--allow-adjust): see report.json "
+                      "`quantization.capability.changes`."]
+        lines.append("")
+    search = quant.get("search")
+    if not search:
+        return lines
+    sol = search.get("solution") or {}
+    traj = sol.get("trajectory_check") or {}
+    lines += [
+        "## Mixed-precision search",
+        "",
+        f"- budget: {_fmt(100 * sol['budget_fraction'], '.0f')}% of the FP32 bytes; predicted weights "
+        f"{_fmt(100 * sol.get('predicted_fraction', 0.0), '.1f')}% of FP32",
+        f"- items searched: {sol.get('items', '–')} ({sol.get('granularity', 'layer')} granularity), "
+        f"sensitivity measured on {sol.get('eval_points', '–')} cached point(s)",
+        f"- U-Net output error vs full precision: predicted {_fmt(sol.get('predicted_rel_l2'), '.4f')}, "
+        f"measured {_fmt(sol.get('measured_rel_l2'), '.4f')} (relative L2)",
+    ]
+    if traj.get("top_k"):
+        lines.append(f"- trajectory check: the {traj['top_k']} most sensitive items per format re-measured on "
+                     f"{traj.get('steps', '–')}-step sampler runs of {traj.get('prompts', '–')} prompt(s), "
+                     f"comparing {traj.get('compared', 'final latents')}")
+    aq = search.get("modelopt_auto_quantize")
+    if aq:
+        if aq.get("ran"):
+            lines.append(f"- ModelOpt `mtq.auto_quantize` side by side (effective bits {_fmt(aq.get('effective_bits'), '.1f')}): "
+                         f"measured error {_fmt(aq.get('measured_rel_l2'), '.4f')}, formats {json.dumps(aq.get('recipes'))}")
+        else:
+            lines.append(f"- ModelOpt `mtq.auto_quantize`: did not run ({aq.get('reason')})")
+    ranking = search.get("ranking") or []
+    fmts = sorted({f for r in ranking for f in r.get("sensitivity", {}) if f != "fp16"})
+    if ranking:
+        lines += ["", f"Most sensitive items (of {len(ranking)}; squared relative L2 of one U-Net call, "
+                  "trajectory: relative L2 of the final latents):", "",
+                  "| item | layers | params | " + " | ".join(fmts) + " | trajectory | chosen |",
+                  "|---|---:|---:|" + "---:|" * len(fmts) + "---|---|"]
+        for r in ranking[:top]:
+            sens = r.get("sensitivity", {})
+            tr = ", ".join(f"{k} {v:.3g}" for k, v in sorted((r.get("trajectory_rel_l2") or {}).items())) or "–"
+            lines.append(f"| `{r['layer']}` | {r.get('layers', 1)} | {r.get('params', 0):,} | "
+                         + " | ".join(_fmt(sens.get(f), '.3g') for f in fmts) + f" | {tr} | {r.get('chosen')} |")
+    return lines + [""]
 
 
 def write_report(folder: Path, report: dict) -> None:

@@ -119,3 +119,95 @@ def test_sensitivity_search_fits_budget_and_predicts_error():
     measured = math.sqrt(sum(rel_l2(run_denoiser(adapter, model, p), r) ** 2 for p, r in zip(points, refs)) / 3)
     # Additive-noise prediction within a factor of 2 of the measured error on this small net.
     assert 0.5 < sol["predicted_rel_l2"] / measured < 2.0
+
+
+def test_block_names_group_layers_by_unet_block():
+    from adm_export.export.sensitivity import block_of
+
+    assert block_of("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == "down_blocks.1.attentions.0"
+    assert block_of("up_blocks.2.resnets.1.conv_shortcut") == "up_blocks.2.resnets.1"
+    assert block_of("up_blocks.0.upsamplers.0.conv") == "up_blocks.0.upsamplers.0"
+    assert block_of("mid_block.resnets.1.conv2") == "mid_block.resnets.1"
+    assert block_of("time_embedding.linear_1") == "time_embedding"
+    assert block_of("conv_in") == "conv_in"
+    # Make-An-Audio's LDM names.
+    assert block_of("input_blocks.4.1.proj_in") == "input_blocks.4.1"
+    assert block_of("middle_block.1.transformer_blocks.0.ff.net.2") == "middle_block.1"
+
+
+def test_block_granularity_on_the_embedded_unet(tiny_adapter):
+    from adm_export.export import policy as pol
+    from adm_export.export.sensitivity import group_plans
+
+    plans = pol.resolve(pol.preset("mixed"), tiny_adapter.denoiser)
+    layers = group_plans(plans, "layer")
+    blocks = group_plans(plans, "block")
+    assert len(layers) == len(plans) and all(len(v) == 1 for v in layers.values())
+    # Every layer in exactly one block, far fewer items than layers.
+    assert sorted(n for v in blocks.values() for n in v) == sorted(p.name for p in plans)
+    assert len(blocks) < len(plans) / 2
+    with pytest.raises(InvalidInputError, match="--sensitivity-granularity"):
+        group_plans(plans, "channel")
+
+
+@pytest.fixture(scope="module")
+def small_search():
+    """Sensitivity of the small net, per layer and with conv+proj as one block."""
+    import torch
+
+    pytest.importorskip("modelopt.torch.quantization")
+    from adm_export.export import policy as pol, sensitivity
+    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+
+    adapter = _Adapter()
+    g = torch.Generator().manual_seed(2)
+    points = [{"x": torch.randn(2, 32, 6, 6, generator=g)} for _ in range(2)]
+    plans = pol.resolve(pol.preset("mixed"), adapter.denoiser)
+    cands = {p.name: list(p.candidates) for p in plans}
+    refs = [run_denoiser(adapter, adapter.denoiser, p) for p in points]
+
+    def qfn(trial, pts):
+        return quantize_with_plans(adapter, pts, trial)
+
+    groups = {"front": ["conv", "proj"], "out": ["out"]}
+    block_table = sensitivity.measure(adapter, points, points, plans, cands, qfn, refs, True, groups)
+    return adapter, points, plans, cands, refs, qfn, groups, block_table
+
+
+def test_block_search_gives_each_block_one_format(small_search):
+    from adm_export.export import sensitivity
+
+    adapter, points, plans, cands, refs, qfn, groups, table = small_search
+    assert set(table) == {"front", "out"}
+    layer_table = sensitivity.measure(adapter, points, points, plans, cands, qfn, refs, True)
+    # Quantizing two layers at once hurts more than either alone (errors add in power).
+    for fmt in ("int8", "w4a8"):
+        assert table["front"][fmt] > max(layer_table["conv"][fmt], layer_table["proj"][fmt])
+    modules = dict(adapter.denoiser.named_modules())
+    fp16 = sum(p.params * 2 for p in plans)
+    chosen, ranking, sol = sensitivity.choose(plans, table, cands, 0.4 * fp16, modules, True, groups=groups)
+    fmt = {p.name: p.format for p in chosen}
+    assert fmt["conv"] == fmt["proj"]
+    assert sum(p.weight_bytes() for p in chosen) <= 0.4 * fp16
+    assert sol["items"] == 2 and {r["layer"] for r in ranking} == {"front", "out"}
+    assert next(r for r in ranking if r["layer"] == "front")["layers"] == 2
+
+
+def test_trajectory_check_measures_the_most_sensitive_items(small_search):
+    import math
+
+    from adm_export.export import sensitivity
+    from adm_export.export.quantize import run_denoiser
+
+    adapter, points, plans, cands, refs, qfn, groups, table = small_search
+
+    # A "trajectory" of one U-Net call on the points: its error must equal the one-call sensitivity.
+    def final_latents(model):
+        return [run_denoiser(adapter, model if model is not None else adapter.denoiser, p) for p in points]
+
+    checks = sensitivity.check_trajectories(adapter, points, plans, cands, qfn, table, groups, final_latents, 1)
+    for fmt in ("int8", "fp8", "w4a8"):
+        worst = max(table, key=lambda i: table[i][fmt])
+        assert set(k for k, v in checks.items() if fmt in v) == {worst}
+        assert checks[worst][fmt] == pytest.approx(math.sqrt(table[worst][fmt]), rel=1e-4)
+    assert sensitivity.check_trajectories(adapter, points, plans, cands, qfn, table, groups, final_latents, 0) == {}
