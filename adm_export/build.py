@@ -45,6 +45,31 @@ def build(cfg: BuildConfig) -> dict:
     Returns:
         The report (also written to ``out/report.json`` and ``out/report.md``).
     """
+    from adm_export import distributed as dist
+
+    out = cfg.out
+    # 0. Refuse what would fail later (an unavailable preset or engine, a non-empty output
+    #    folder) before any work, so a bad call costs seconds and leaves nothing behind.
+    validate(cfg)
+    if dist.is_main():
+        prepare_out_dir(out, cfg.force)
+    dist.barrier()
+    # Under torchrun every rank runs the sharded loops (calibration, sensitivity search, eval);
+    # rank 0 alone writes artifacts and runs export and engine; shards of all stages live in
+    # <out>.shards (resumable) until the build succeeds.
+    with dist.shard_area(out):
+        return dist.broadcast(_build(cfg, out))
+
+
+def _searched(cfg: BuildConfig) -> bool:
+    """Whether the quantize stage runs the (rank-split) sensitivity search."""
+    from adm_export.export import policy as pol
+
+    return (pol.load_policy(cfg.quantize.policy) if cfg.quantize.policy else pol.preset(cfg.quantize.precision.value)).searched
+
+
+def _build(cfg: BuildConfig, out) -> dict | None:
+    from adm_export import distributed as dist
     from adm_export.calibration.latents import calibrate
     from adm_export.engines.stage import build_engines
     from adm_export.eval.harness import evaluate
@@ -53,11 +78,6 @@ def build(cfg: BuildConfig) -> dict:
     from adm_export.export.quantize import quantize
     from adm_export.models import load_model
 
-    out = cfg.out
-    # 0. Refuse what would fail later (an unavailable preset or engine, a non-empty output
-    #    folder) before any work, so a bad call costs seconds and leaves nothing behind.
-    validate(cfg)
-    prepare_out_dir(out, cfg.force)
     timings: dict[str, float] = {}
     with timed_stage("load model", logger, timings):
         adapter = load_model(cfg.model, cfg.calibration.device)
@@ -65,8 +85,16 @@ def build(cfg: BuildConfig) -> dict:
     with timed_stage("calibrate", logger, timings):
         calib = calibrate(cfg.calibration, out / "calibration", adapter=adapter)
     # 2. Quantized model (a copy; the adapter keeps its full-precision denoiser for eval).
-    with timed_stage("quantize", logger, timings):
-        quant = quantize(cfg.quantize, out / "calibration", out / "quantized", adapter=adapter)
+    #    Other ranks take part only when a sensitivity search (split over ranks) runs.
+    if dist.is_main() or _searched(cfg):
+        with timed_stage("quantize", logger, timings), dist.main_output(out / "quantized") as quant_out:
+            quant = quantize(cfg.quantize, out / "calibration", quant_out, adapter=adapter)
+    if not dist.is_main():
+        # Export and engine are rank 0's; the others wait for the engines, then share the eval.
+        dist.barrier()
+        if cfg.eval is not None and cfg.engine.backend.value != "none":
+            evaluate(cfg.eval, out / "engines", out / "eval", adapter=adapter)
+        return None
     # 3. ONNX with Q/DQ and integer weights.
     with timed_stage("export", logger, timings):
         onnx_manifest = export_onnx(cfg.export, out / "quantized", out / "onnx", out / "calibration", adapter=adapter)
@@ -74,6 +102,7 @@ def build(cfg: BuildConfig) -> dict:
     frames = adapter.denoiser_spec().frames_for_seconds(cfg.calibration.audio_seconds)
     with timed_stage("engine", logger, timings):
         engine = build_engines(cfg.engine, out / "onnx", out / "engines", adapter=adapter, frames=frames)
+    dist.barrier()
     # 5. Evaluation against the full-precision baseline.
     result = None
     if cfg.eval is not None and cfg.engine.backend.value != "none":

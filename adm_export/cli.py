@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from adm_export.errors import AdmExportError
 logger = logging.getLogger("adm_export")
 
 EXIT_GATE_FAILED = 2
+_ARGV: list[str] = []  # the arguments of this invocation (AdmGroup.main), for --nproc's relaunch
 
 
 def _choices(enum_cls) -> click.Choice:
@@ -55,7 +57,10 @@ def handle_errors(func):
         try:
             return func(*args, **kwargs)
         except AdmExportError as exc:
-            click.echo(f"error: {exc}", err=True)
+            from adm_export.distributed import is_main
+
+            if is_main():  # under torchrun every rank hits the same error: one line, not N
+                click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -69,6 +74,7 @@ class AdmGroup(click.Group):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _ARGV[:] = list(args) if args is not None else sys.argv[1:]  # for --nproc's relaunch
         try:
             rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
                               **extra)
@@ -100,6 +106,36 @@ def cli(verbose: int, quiet: bool, progress: bool | None) -> None:
 
     _setup_logging(verbose, quiet)
     set_progress(progress)
+
+
+def nproc_option(f):
+    """``--nproc N``: rerun the command under torchrun with N processes (data-parallel loops).
+
+    Under torchrun itself (``WORLD_SIZE`` set) the option is ignored and the process group is
+    created instead (:func:`adm_export.distributed.init`).
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args, nproc=1, **kwargs):
+        from adm_export import distributed
+
+        if os.environ.get("WORLD_SIZE"):
+            distributed.init()
+            if not distributed.is_main():  # rank 0 prints the command's summary
+                import contextlib
+                import io
+
+                with contextlib.redirect_stdout(io.StringIO()):
+                    return f(*args, **kwargs)
+        else:
+            distributed.check_nproc(nproc, kwargs.get("device") or "cpu")
+            if nproc > 1:
+                sys.exit(distributed.launch(nproc, distributed.strip_nproc(_ARGV)))
+        return f(*args, **kwargs)
+
+    return click.option("--nproc", type=int, default=1, show_default=True,
+                        help="Processes (one per GPU with --device cuda): calibration, sensitivity search and "
+                             "eval run data-parallel under torchrun; rerunning resumes from finished shards.")(wrapper)
 
 
 # -- shared options --------------------------------------------------------------------------------
@@ -150,6 +186,8 @@ def quant_options(f):
         click.option("--trajectory-check", type=int, default=2, show_default=True,
                      help="For --precision mixed: most sensitive items per format re-measured on a short "
                      "sampler run (final-latent error); 0: off."),
+        click.option("--sensitivity-frames", type=int, default=64, show_default=True,
+                     help="For --precision mixed: latent frames the sensitivity trials run on; 0: full length."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -246,8 +284,9 @@ def _summary(report: dict) -> None:
 @calibration_options
 @eval_options
 @handle_errors
+@nproc_option
 def build(model, out, force, precision, size_budget, engine, run_eval, policy, target, allow_adjust, placement,
-          sensitivity_points, sensitivity_granularity, trajectory_check, captions, num_prompts, augment, steps, points,
+          sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames, captions, num_prompts, augment, steps, points,
           select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase, max_drift,
           embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
@@ -261,7 +300,8 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
         quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                                 target=_target(target, engine, device), allow_adjust=allow_adjust,
                                 placement=placement, sensitivity_points=sensitivity_points,
-                                sensitivity_granularity=sensitivity_granularity, trajectory_check=trajectory_check),
+                                sensitivity_granularity=sensitivity_granularity, trajectory_check=trajectory_check,
+                                sensitivity_frames=sensitivity_frames),
         export=ExportConfig(placement=placement),
         engine=EngineConfig(backend=engine, device=device),
         eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
@@ -285,6 +325,7 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
 @calibration_options
 @handle_errors
+@nproc_option
 def calibrate(model, out, force, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale, seed,
               device):
     """Run the sampler on the prompt set and write the calibration cache."""
@@ -309,8 +350,9 @@ def calibrate(model, out, force, captions, num_prompts, augment, steps, points, 
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @quant_options
 @handle_errors
+@nproc_option
 def quantize(model, calibration, out, force, precision, size_budget, device, policy, target, allow_adjust, placement,
-             sensitivity_points, sensitivity_granularity, trajectory_check):
+             sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
     from adm_export.config import QuantizeConfig
     from adm_export.export.quantize import quantize as run
@@ -318,8 +360,12 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
     cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                          target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,
                          sensitivity_points=sensitivity_points, sensitivity_granularity=sensitivity_granularity,
-                         trajectory_check=trajectory_check)
-    manifest = run(cfg, calibration, out, force=force, model_id=model)
+                         trajectory_check=trajectory_check, sensitivity_frames=sensitivity_frames)
+    from adm_export import distributed
+
+    # Every rank runs the stage (the sensitivity search is split over ranks); rank 0 writes `out`.
+    with distributed.shard_area(out), distributed.main_output(out) as rank_out:
+        manifest = run(cfg, calibration, rank_out, force=force, model_id=model)
     err = manifest["quant_error_rel_l2"]
     click.echo(f"quantized ({precision}): {manifest['quantizers']['weight']} layers; error vs full precision "
                f"mean {err['mean']:.2e}, max {err['max']:.2e} -> {out}")
@@ -405,6 +451,7 @@ def engine(onnx_dir, out, force, backend, device, threads):
 @click.option("--seed", type=int, default=1234, show_default=True)
 @eval_options
 @handle_errors
+@nproc_option
 def eval_cmd(model, engine_dir, out, force, device, seed, num_clips, eval_steps, eval_seconds, max_fd_increase,
              max_drift, embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Same prompts and seeds through the full-precision pipeline and the engine; FD and the quality gate."""
@@ -527,7 +574,19 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="adm-export")
+    from adm_export import distributed
+
+    try:
+        cli(prog_name="adm-export")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if os.environ.get(distributed.ENV_EXIT_FILE) and code in (1, EXIT_GATE_FAILED):
+            # A worker of `--nproc`: rank 0 hands its code to the launcher; exiting 0 spares the
+            # user torchrun's failure dump for an expected outcome (user error, failed gate).
+            distributed.record_exit(code)
+            sys.exit(0)
+        distributed.record_exit(code)
+        raise
 
 
 if __name__ == "__main__":

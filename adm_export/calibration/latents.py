@@ -41,7 +41,7 @@ from adm_export.artifacts import atomic_dir, write_manifest
 from adm_export.calibration.cache import STAGE, save_points
 from adm_export.calibration.prompts import build_prompt_set
 from adm_export.calibration.selection import select_activation, summarize
-from adm_export.calibration.stats import StatsRecorder
+from adm_export.calibration.stats import ActivationStats, StatsRecorder
 from adm_export.config import CalibrationConfig, SelectMethod, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.progress import progress
@@ -104,13 +104,51 @@ def input_hash(inputs: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def run_prompt(adapter, prompts: Sequence[str], cfg: CalibrationConfig, p: int,
+               on_call: Callable[[int, int, dict], None], last: int | None = None) -> int:
+    """Run the sampler on prompt ``p`` (seed ``cfg.seed + p``) and report every denoiser call.
+
+    Args:
+        adapter: Model adapter.
+        prompts: The prompt set.
+        cfg: Calibration settings (steps, audio length, guidance scale, seed).
+        p: The prompt's index.
+        on_call: ``on_call(prompt, step, named_inputs)`` before each denoiser call; the inputs
+            are the live tensors (clone what you keep).
+        last: End the run right after reporting this step (its denoiser call is skipped, and so
+            is the rest of the sampler).
+
+    Returns:
+        The number of denoiser calls reported.
+    """
+    step = 0
+
+    def record(inputs):
+        nonlocal step
+        if step < cfg.steps:
+            on_call(p, step, inputs)
+        step += 1
+        if last is not None and step > last:
+            raise _StopSampler
+
+    with adapter.record_denoiser_calls(record):
+        try:
+            adapter.generate([prompts[p]], [cfg.seed + p], cfg.steps, cfg.audio_seconds, cfg.guidance_scale)
+        except _StopSampler:
+            pass
+        else:
+            if step != cfg.steps:
+                logger.warning("sampler made %d denoiser calls for %d steps (prompt %d)", step, cfg.steps, p)
+    return min(step, cfg.steps)
+
+
 def run_trajectories(adapter, prompts: Sequence[str], cfg: CalibrationConfig,
                      on_call: Callable[[int, int, dict], None], prompt_ids: Sequence[int] | None = None,
                      stop_after: dict[int, int] | None = None, desc: str = "calibrate: sampling") -> int:
     """Run the sampler on prompts and report every denoiser call.
 
     Prompt ``p`` is sampled with seed ``cfg.seed + p`` (so a re-run of ``p`` alone reproduces its
-    trajectory), one prompt at a time (memory stays one trajectory).
+    trajectory), one prompt at a time (memory stays one trajectory); see :func:`run_prompt`.
 
     Args:
         adapter: Model adapter.
@@ -128,26 +166,7 @@ def run_trajectories(adapter, prompts: Sequence[str], cfg: CalibrationConfig,
     ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
     calls = 0
     for p in progress(ids, desc=desc, unit="prompt"):
-        step = 0
-        last = None if stop_after is None else stop_after.get(p)
-
-        def record(inputs, p=p, last=last):
-            nonlocal step
-            if step < cfg.steps:
-                on_call(p, step, inputs)
-            step += 1
-            if last is not None and step > last:
-                raise _StopSampler
-
-        with adapter.record_denoiser_calls(record):
-            try:
-                adapter.generate([prompts[p]], [cfg.seed + p], cfg.steps, cfg.audio_seconds, cfg.guidance_scale)
-            except _StopSampler:
-                pass
-            else:
-                if step != cfg.steps:
-                    logger.warning("sampler made %d denoiser calls for %d steps (prompt %d)", step, cfg.steps, p)
-        calls += min(step, cfg.steps)
+        calls += run_prompt(adapter, prompts, cfg, p, on_call, None if stop_after is None else stop_after.get(p))
     return calls
 
 
@@ -164,8 +183,47 @@ def _keep(kept: dict, wanted: set, hashes: dict | None = None) -> Callable[[int,
     return on_call
 
 
+def _stats_rows(recorder: StatsRecorder, p: int) -> dict:
+    """Prompt ``p``'s statistics rows (exact copies), for its shard."""
+    import torch
+
+    recorder.flush()
+    st = recorder.result()
+    return {"absmax": torch.from_numpy(st.absmax[p].copy()), "sumsq": torch.from_numpy(st.sumsq[p].copy()),
+            "hist": torch.from_numpy(st.hist[p].copy()), "recorded": torch.from_numpy(st.recorded[p].copy())}
+
+
+def _merge_stats(layers: list[str], grid, num_prompts: int, steps: int, rows: Sequence[dict]) -> ActivationStats:
+    """The statistics of every prompt from per-prompt shards: rows are placed, never summed, so the
+    merged arrays equal what one process records (bit for bit)."""
+    n = len(layers)
+    st = ActivationStats(layers=list(layers), grid=grid,
+                         absmax=np.zeros((num_prompts, steps, n), dtype=np.float32),
+                         sumsq=np.zeros((num_prompts, steps, n), dtype=np.float32),
+                         hist=np.zeros((num_prompts, steps, n, grid.bins), dtype=np.float32),
+                         recorded=np.zeros((num_prompts, steps), dtype=bool))
+    for p, row in enumerate(rows):
+        st.absmax[p], st.sumsq[p], st.hist[p] = row["absmax"].numpy(), row["sumsq"].numpy(), row["hist"].numpy()
+        st.recorded[p] = row["recorded"].numpy()
+    return st
+
+
+def _kept_of(units: Sequence[dict]) -> tuple[dict, dict]:
+    """Kept inputs and input hashes ``{(prompt, step): ...}`` from shards."""
+    kept, hashes = {}, {}
+    for u in units:
+        p = int(u["prompt"])
+        kept.update({(p, int(s)): v for s, v in u.get("kept", {}).items()})
+        hashes.update({(p, int(s)): v for s, v in u.get("hashes", {}).items()})
+    return kept, hashes
+
+
 def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adapter=None) -> dict:
     """Run the ``calibrate`` stage: prompts -> sampler trajectories -> selected points -> cache.
+
+    Under torchrun the prompts' sampler runs are split over the ranks (one prompt per resumable
+    shard, :mod:`adm_export.distributed`); rank 0 merges the statistics, selects, writes the cache
+    and every rank returns its manifest. The cache is bit-identical for any number of processes.
 
     Args:
         cfg: Calibration settings.
@@ -176,11 +234,22 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
     Returns:
         The cache manifest.
     """
+    from adm_export import distributed as dist
+
+    with dist.shard_area(out):
+        # Every rank runs _calibrate (its share of the sampler runs); rank 0 writes the cache.
+        return dist.broadcast(_calibrate(cfg, out, force, adapter))
+
+
+def _calibrate(cfg: CalibrationConfig, out: str | Path, force: bool, adapter) -> dict | None:
+    """:func:`calibrate` on one rank; the manifest on rank 0, ``None`` on the others."""
     import torch
 
+    from adm_export import distributed as dist
     from adm_export.models import load_model
 
-    # 1. Model and prompts.
+    main = dist.is_main()
+    # 1. Model and prompts (the prompt set is deterministic: every rank builds the same one).
     adapter = adapter or load_model(cfg.model, cfg.device)
     # Seeds and augmented prompts compete for the N slots (seeds_first=False): at small N that
     # covers far more (aspect, value) pairs than the seed captions alone (README, calibration).
@@ -188,9 +257,16 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
                                   seeds_first=False)
     prompts = list(prompt_set.prompts)
     cfg_rows = 2 if cfg.guidance_scale > 1.0 else 1
-    kept: dict[tuple[int, int], dict] = {}
     recorder = StatsRecorder(adapter.denoiser, len(prompts), cfg.steps)
+    names = [t.name for t in adapter.denoiser_spec().inputs]
+    # Everything a prompt's shard depends on: a shard of another model, config or prompt set has
+    # another key and is never reused.
+    key = {"model": adapter.identity(), "config": to_dict(cfg), "prompts": prompts, "layers": recorder.layers,
+           "grid": recorder.grid.to_dict(), "inputs": names}
+    units = [f"prompt-{p:05d}" for p in range(len(prompts))]
     extra_selection: dict[str, Any] = {}
+    shards: dict[str, dict] = {}
+    stats = kept = None
 
     def with_stats(inner):
         def on_call(p, s, inputs):
@@ -198,44 +274,86 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
             inner(p, s, inputs)
         return on_call
 
+    def by_step(d: dict) -> dict:
+        return {str(s): v for (_, s), v in d.items()}
+
     if cfg.select != SelectMethod.ACTIVATION:
         # 2. Index-based: the (prompt, step) pairs are known up front; one pass records the
-        #    statistics and keeps the wanted inputs.
+        #    statistics and keeps the wanted inputs (one shard per prompt).
         wanted = select_indices(cfg.select, len(prompts), cfg.steps, cfg.points, cfg.seed)
+        wanted_set = set(wanted)
+        store = dist.ShardStore.open("calibration-trajectories", key)
+
+        def sample(p: int) -> dict:
+            kept_p: dict = {}
+            run_prompt(adapter, prompts, cfg, p, with_stats(_keep(kept_p, wanted_set)))
+            return {"prompt": p, **_stats_rows(recorder, p), "kept": by_step(kept_p)}
+
         with recorder:
-            run_trajectories(adapter, prompts, cfg, with_stats(_keep(kept, set(wanted))))
-        stats = recorder.result()
+            shards["trajectories"] = dist.run_units(store, units, sample, "calibrate: sampling", "prompt")
+        if main:
+            rows = dist.load_all(store, units)
+            stats = _merge_stats(recorder.layers, recorder.grid, len(prompts), cfg.steps, rows)
+            kept, _ = _kept_of(rows)
+        store.close()
     else:
-        # 2a. Pass 1: statistics and input hashes of every denoiser call.
-        hashes: dict[tuple[int, int], str] = {}
+        # 2a. Pass 1: statistics and input hashes of every denoiser call (one shard per prompt).
+        store = dist.ShardStore.open("calibration-statistics", key)
 
-        def remember(p, s, inputs):
-            hashes[(p, s)] = input_hash(inputs)
+        def record(p: int) -> dict:
+            hashes_p: dict[str, str] = {}
+
+            def remember(_, s, inputs):
+                hashes_p[str(s)] = input_hash(inputs)
+
+            run_prompt(adapter, prompts, cfg, p, with_stats(remember))
+            return {"prompt": p, **_stats_rows(recorder, p), "hashes": hashes_p}
 
         with recorder:
-            run_trajectories(adapter, prompts, cfg, with_stats(remember), desc="calibrate: statistics")
-        stats = recorder.result()
-        # 2b. Selection on the statistics.
-        result = select_activation(stats, cfg.points)
-        wanted = result.points
+            shards["statistics"] = dist.run_units(store, units, record, "calibrate: statistics", "prompt")
+        result = hashes = None
+        if main:
+            rows = dist.load_all(store, units)
+            stats = _merge_stats(recorder.layers, recorder.grid, len(prompts), cfg.steps, rows)
+            _, hashes = _kept_of(rows)
+            # 2b. Selection on the statistics (rank 0; every rank gets the chosen points).
+            result = select_activation(stats, cfg.points)
+        store.close()
+        wanted = [tuple(w) for w in dist.broadcast(result.points if main else None)]
+        wanted_set = set(wanted)
         # 2c. Pass 2: replay the chosen prompts up to their last chosen step; keep those inputs.
         last: dict[int, int] = {}
         for p, s in wanted:
             last[p] = max(last.get(p, -1), s)
-        replay_hashes: dict[tuple[int, int], str] = {}
-        calls = run_trajectories(adapter, prompts, cfg, _keep(kept, set(wanted), replay_hashes),
-                                 prompt_ids=sorted(last), stop_after=last, desc="calibrate: replay")
-        mismatches = sum(replay_hashes[key] != hashes[key] for key in wanted)
-        if mismatches:
-            logger.warning("replayed trajectories differ from pass 1 at %d of %d points (non-deterministic "
-                           "kernels?); the kept inputs are the replayed ones", mismatches, len(wanted))
-        extra_selection = {"activation": result.to_dict(),
-                           "replay": {"prompts": len(last), "denoiser_calls": calls,
-                                      "bit_exact": mismatches == 0, "mismatches": mismatches}}
+        replay_ids = sorted(last)
+        rstore = dist.ShardStore.open("calibration-replay", {**key, "wanted": wanted})
 
-    # 3. Concatenate the kept points in (prompt, step) order and write the cache.
-    names = [t.name for t in adapter.denoiser_spec().inputs]
-    inputs = {n: torch.cat([kept[key][n] for key in wanted]) for n in names}
+        def replay(i: int) -> dict:
+            p = replay_ids[i]
+            kept_p: dict = {}
+            hashes_p: dict = {}
+            calls_p = run_prompt(adapter, prompts, cfg, p, _keep(kept_p, wanted_set, hashes_p), last[p])
+            return {"prompt": p, "kept": by_step(kept_p), "hashes": by_step(hashes_p), "calls": calls_p}
+
+        runits = [f"prompt-{p:05d}" for p in replay_ids]
+        shards["replay"] = dist.run_units(rstore, runits, replay, "calibrate: replay", "prompt")
+        if main:
+            rrows = dist.load_all(rstore, runits)
+            kept, replay_hashes = _kept_of(rrows)
+            calls = sum(int(r["calls"]) for r in rrows)
+            mismatches = sum(replay_hashes[k] != hashes[k] for k in wanted)
+            if mismatches:
+                logger.warning("replayed trajectories differ from pass 1 at %d of %d points (non-deterministic "
+                               "kernels?); the kept inputs are the replayed ones", mismatches, len(wanted))
+            extra_selection = {"activation": result.to_dict(),
+                               "replay": {"prompts": len(last), "denoiser_calls": calls,
+                                          "bit_exact": mismatches == 0, "mismatches": mismatches}}
+        rstore.close()
+    if not main:
+        return None
+
+    # 3. Concatenate the kept points in (prompt, step) order and write the cache (rank 0).
+    inputs = {n: torch.cat([kept[k][n] for k in wanted]) for n in names}
     prompt_index = torch.tensor([p for p, _ in wanted])
     step_index = torch.tensor([s for _, s in wanted])
     steps_hist = np.bincount(step_index.numpy(), minlength=cfg.steps).tolist()
@@ -259,6 +377,7 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
                     **extra_selection,
                 },
                 "statistics": summary,
+                "distributed": {"world_size": dist.world_size(), "shards": shards},
             },
         )
     logger.info("calibration cache: %d points (%s) from %d prompts x %d steps -> %s; estimated input error "

@@ -241,6 +241,10 @@ class StatsRecorder:
 
         return hook
 
+    def flush(self) -> None:
+        """Copy the current prompt's records to the host arrays now (else done on the next prompt)."""
+        self._flush()
+
     def _flush(self) -> None:
         if self._prompt is not None and self._buf is not None:
             host = self._buf.cpu().numpy()

@@ -39,7 +39,6 @@ import numpy as np
 from adm_export.artifacts import atomic_dir, read_manifest, write_json
 from adm_export.config import EvalConfig, to_dict
 from adm_export.errors import InvalidInputError
-from adm_export.progress import progress
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +75,13 @@ def eval_prompts(num_clips: int) -> list[str]:
 
 
 def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[int], cfg: EvalConfig,
-                             label: str, timesteps: list | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """Generate clips in chunks and record x_t of every step.
+                             label: str, timesteps: list | None = None,
+                             denoiser_key: Any = "full-precision") -> tuple[list[np.ndarray], np.ndarray]:
+    """Generate clips in chunks of :data:`CHUNK` and record x_t of every step.
+
+    Under torchrun the chunks are split over the ranks (one resumable shard per chunk,
+    :mod:`adm_export.distributed`); rank 0 returns all clips, the others empty lists. A chunk is the same batch in
+    any number of processes, so the clips are bit-identical to a single-process run.
 
     Args:
         adapter: Model adapter (its current denoiser is the one that runs).
@@ -86,29 +90,50 @@ def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[in
         cfg: Steps, length and guidance.
         label: Progress-bar label.
         timesteps: If given, filled with the scheduler timestep of every step (first chunk).
+        denoiser_key: Identity of the denoiser that runs (part of the shards' key: an engine's
+            manifest digest, or ``"full-precision"``).
 
     Returns:
         ``(waveforms, latents)`` with latents shaped (clips, steps, *latent_shape).
     """
     import torch
 
-    waves, trajectories = [], []
+    from adm_export import distributed as dist
+
     chunks = [range(i, min(i + CHUNK, len(prompts))) for i in range(0, len(prompts), CHUNK)]
-    for c, chunk in enumerate(progress(chunks, desc=f"eval: {label}", unit="batch")):
+    store = dist.ShardStore.open("eval-clips", {
+        "model": adapter.identity(), "denoiser": denoiser_key, "prompts": list(prompts), "seeds": list(seeds),
+        "steps": cfg.steps, "audio_seconds": cfg.audio_seconds, "guidance_scale": cfg.guidance_scale,
+        "device": cfg.device, "chunk": CHUNK})
+
+    def run_chunk(c: int) -> dict:
+        chunk = chunks[c]
         steps: list = []
+        stamps: list[float] = []
         n = len(chunk)
 
-        def record(inputs, steps=steps, n=n, first=(c == 0)):
+        def record(inputs):
             # With classifier-free guidance the batch is [uncond; cond] over the same x_t.
             steps.append(inputs["sample"][:n].detach().to("cpu", torch.float32).clone())
-            if first and timesteps is not None:
-                timesteps.append(float(torch.as_tensor(inputs["timestep"]).reshape(-1)[0]))
+            stamps.append(float(torch.as_tensor(inputs["timestep"]).reshape(-1)[0]))
 
         with adapter.record_denoiser_calls(record):
-            waves += adapter.generate([prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg.steps,
-                                      cfg.audio_seconds, cfg.guidance_scale)
-        trajectories.append(torch.stack(steps, dim=1).numpy())
-    return waves, np.concatenate(trajectories)
+            waves = adapter.generate([prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg.steps,
+                                     cfg.audio_seconds, cfg.guidance_scale)
+        return {"waves": [torch.from_numpy(np.ascontiguousarray(w)) for w in waves],
+                "trajectory": torch.stack(steps, dim=1), "timesteps": stamps}
+
+    units = [f"chunk-{c:05d}" for c in range(len(chunks))]
+    dist.run_units(store, units, run_chunk, f"eval: {label}", "batch")
+    # Rank 0 scores the clips; the others need not hold them.
+    results = dist.load_all(store, units) if dist.is_main() else []
+    store.close()
+    if not results:
+        return [], np.zeros((0,), dtype=np.float32)
+    if timesteps is not None and results:
+        timesteps.extend(results[0]["timesteps"])
+    waves = [w.numpy() for r in results for w in r["waves"]]
+    return waves, np.concatenate([r["trajectory"].numpy() for r in results])
 
 
 def _full_precision_run(adapter, prompts: Sequence[str], seeds: Sequence[int], cfg: EvalConfig, label: str,
@@ -694,6 +719,20 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     Returns:
         The eval result; ``result["gate"]["passed"]`` is the quality gate's verdict.
     """
+    from adm_export import distributed as dist
+
+    # Under torchrun every rank generates its share of the clips; rank 0 scores and writes, and
+    # every rank returns rank 0's result.
+    with dist.shard_area(out):
+        return dist.broadcast(_evaluate(cfg, engine_dir, out, force, adapter, model_id, embedder))
+
+
+def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, force: bool, adapter,
+              model_id: str | None, embedder) -> dict | None:
+    """:func:`evaluate` on one rank: the result on rank 0, ``None`` on the others."""
+    from adm_export import distributed as dist
+    from adm_export.artifacts import manifest_digest
+    from adm_export.engines.onnxruntime import OrtOptions
     from adm_export.engines.stage import load_ort_denoiser
     from adm_export.eval.embedders import get_embedder
     from adm_export.models import load_model
@@ -702,7 +741,9 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     # 1. Model, engine, embedder, prompts (and the reference folder, read before any generation).
     manifest = read_manifest(engine_dir, "engine", "--engine")
     adapter = adapter or load_model(model_id or manifest["model"]["id"], cfg.device)
-    denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device)
+    # Each rank's engine runs on its own GPU (LOCAL_RANK; 0 in one process).
+    denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device,
+                                    options=OrtOptions.for_device(cfg.device, device_id=dist.local_rank()))
     embedder = embedder or get_embedder(cfg.embedder, checkpoint=cfg.embedder_checkpoint, device=cfg.device)
     prompts = eval_prompts(cfg.num_clips)
     seeds = [cfg.seed + i for i in range(cfg.num_clips)]
@@ -713,13 +754,18 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     timesteps: list[float] = []
     base_wave, base_traj = _full_precision_run(adapter, prompts, seeds, cfg, "baseline", timesteps)
     with adapter.using_denoiser(denoiser):
-        q_wave, q_traj = generate_with_trajectory(adapter, prompts, seeds, cfg, "engine")
+        q_wave, q_traj = generate_with_trajectory(adapter, prompts, seeds, cfg, "engine",
+                                                  denoiser_key={"engine": manifest_digest(manifest)})
     if ref_wave is not None:
         reference = {"kind": "folder", "path": str(cfg.reference_dir), "clips": len(ref_wave)}
     else:
         ref_seeds = [s + REFERENCE_SEED_OFFSET for s in seeds]
         ref_wave, _ = _full_precision_run(adapter, prompts, ref_seeds, cfg, "reference draw", [])
         reference = {"kind": "baseline_other_seeds", "clips": len(ref_wave), "seed_offset": REFERENCE_SEED_OFFSET}
+    # Denoiser calls the engine made in this run, every rank's (chunks reused from shards made none).
+    engine_calls = sum(dist.all_gather(int(denoiser.calls)))
+    if not dist.is_main():
+        return None
 
     # 3. Clip metrics and the gate; 4. the per-step latent error.
     scores = score_clips(cfg, prompts, base_wave, q_wave, ref_wave, sr, embedder, reference)
@@ -734,7 +780,7 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
         **scores,
         **latent_error(base_traj, q_traj),
         "timesteps": timesteps,
-        "engine_calls": int(denoiser.calls),
+        "engine_calls": engine_calls,
         "config": to_dict(cfg),
     }
     result["seconds"] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,251 @@
+"""Data-parallel loops under torch.distributed (2 gloo processes on the CPU) and resumable shards.
+
+One single-process reference run and two 2-process runs (spawned once each, module fixtures):
+
+1. a run whose rank 1 exits (like a killed process) right after its first calibration shard;
+2. the rerun, which must reuse the finished shards and compute only the missing ones, then the
+   sensitivity search and eval generation.
+
+Everything must equal the single-process results bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+TINY_CAL = dict(num_prompts=4, steps=3, points=4, audio_seconds=1.28)
+EVAL_CLIPS = 10  # two chunks of harness.CHUNK (8 + 2): one per rank
+EVAL_STEPS = 2
+
+
+def _net_adapter():
+    """A small conv + linear network with the slice of an adapter the sensitivity search uses."""
+    import torch
+
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+            self.proj = torch.nn.Linear(16, 32)
+            self.mid = torch.nn.Linear(32, 32)
+            self.out = torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            h = torch.nn.functional.silu(self.conv(x)).flatten(2).transpose(1, 2)
+            return self.out(torch.nn.functional.gelu(self.mid(torch.nn.functional.gelu(self.proj(h)))))
+
+    class Adapter:
+        denoiser = Net().eval()
+
+        def export_module(self, m=None):
+            return m if m is not None else self.denoiser
+
+    return Adapter()
+
+
+def _sensitivity():
+    """The per-layer sensitivity table of the small network (INT8 and W4A8 candidates)."""
+    import torch
+
+    from adm_export.export import policy as pol, sensitivity
+    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+
+    adapter = _net_adapter()
+    g = torch.Generator().manual_seed(1)
+    points = [{"x": torch.randn(2, 8, 4, 4, generator=g)} for _ in range(2)]
+    plans = pol.resolve(pol.preset("mixed"), adapter.denoiser)
+    cands = {p.name: [f for f in p.candidates if f in ("fp16", "int8", "w4a8")] for p in plans}
+    refs = [run_denoiser(adapter, adapter.denoiser, p) for p in points]
+    return sensitivity.measure(adapter, points, points, plans, cands,
+                               lambda trial, pts: quantize_with_plans(adapter, pts, trial), refs, True)
+
+
+def _eval_clips(adapter):
+    from adm_export.config import EvalConfig
+    from adm_export.eval.harness import eval_prompts, generate_with_trajectory
+
+    cfg = EvalConfig(num_clips=EVAL_CLIPS, steps=EVAL_STEPS, audio_seconds=1.28)
+    steps: list = []
+    waves, traj = generate_with_trajectory(adapter, eval_prompts(EVAL_CLIPS), list(range(EVAL_CLIPS)), cfg,
+                                           "baseline", steps)
+    return {"waves": waves, "trajectory": traj, "timesteps": steps}
+
+
+def _worker(rank: int, world: int, port: int, root: str, full: bool, fail: str) -> None:
+    """One rank of a 2-process run: calibration (and, if ``full``, sensitivity and eval)."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "ADM_EXPORT_NO_PROGRESS": "1"})
+    if fail:
+        os.environ["ADM_EXPORT_FAIL_AFTER_SHARDS"] = fail
+    import pickle
+
+    import torch
+
+    torch.set_num_threads(1)
+    from adm_export import distributed as dist
+    from adm_export.calibration.latents import calibrate
+    from adm_export.config import CalibrationConfig
+    from adm_export.models import load_model
+
+    dist.init()
+    adapter = load_model("tiny-audioldm")
+    manifest = calibrate(CalibrationConfig(**TINY_CAL), os.path.join(root, "cal"), adapter=adapter)
+    out = {"manifest": manifest}
+    if full:
+        out["table"] = _sensitivity()
+        out["eval"] = _eval_clips(adapter)
+    if dist.is_main():
+        with open(os.path.join(root, "result.pkl"), "wb") as f:
+            pickle.dump(out, f)
+    dist.barrier()
+
+
+def _spawn(root, full: bool, fail: str = "") -> None:
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(root), full, fail), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Single-process reference (world 1: the same sharded code path)."""
+    import torch
+
+    from adm_export.calibration.latents import calibrate
+    from adm_export.config import CalibrationConfig
+    from adm_export.models import load_model
+
+    root = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        adapter = load_model("tiny-audioldm")
+        manifest = calibrate(CalibrationConfig(**TINY_CAL), root / "cal", adapter=adapter)
+        result = {"manifest": manifest, "table": _sensitivity(), "eval": _eval_clips(adapter)}
+    finally:
+        torch.set_num_threads(threads)
+    return root, result
+
+
+@pytest.fixture(scope="module")
+def two_procs(tmp_path_factory):
+    """A 2-process run killed after rank 1's first shard, then the rerun; returns what both left."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path_factory.mktemp("two")
+    shards = root / ".cal.shards"
+    try:
+        _spawn(root, full=False, fail="1:1")
+        killed = None
+    except mp.ProcessExitedException as exc:
+        killed = exc
+    except Exception as exc:  # noqa: BLE001 - spawn wraps a child's exit differently across versions
+        killed = exc
+    before = {p.name: p.stat().st_mtime_ns for p in shards.rglob("*.pt")}
+    finished_dir = not (root / "cal").exists()
+    _spawn(root, full=True)
+    with open(root / "result.pkl", "rb") as f:
+        result = pickle.load(f)
+    return {"root": root, "killed": killed, "shards_before": before, "no_cache_after_kill": finished_dir,
+            "result": result}
+
+
+def test_killed_rank_leaves_only_finished_shards(two_procs):
+    assert two_procs["killed"] is not None, "rank 1 was told to exit after its first shard"
+    assert two_procs["no_cache_after_kill"], "a failed run must not leave a calibration cache"
+    before = two_procs["shards_before"]
+    # Rank 1 (prompts 1, 3) wrote prompt 1's shard, never prompt 3's.
+    assert "prompt-00001.pt" in before and "prompt-00003.pt" not in before
+
+
+def test_rerun_reuses_finished_shards_and_computes_the_rest(two_procs):
+    shards = two_procs["result"]["manifest"]["distributed"]["shards"]["statistics"]
+    before = two_procs["shards_before"]
+    assert shards["world_size"] == 2 and shards["units"] == 4
+    assert shards["reused"] == len(before) and shards["computed"] == 4 - len(before)
+    # The shard area is removed once the stage succeeds.
+    assert not (two_procs["root"] / ".cal.shards").exists()
+
+
+def test_two_process_calibration_cache_equals_single_process(single, two_procs):
+    import torch
+    from safetensors.torch import load_file
+
+    a = load_file(str(single[0] / "cal" / "points.safetensors"))
+    b = load_file(str(two_procs["root"] / "cal" / "points.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m1, m2 = single[1]["manifest"], two_procs["result"]["manifest"]
+    for key in ("selection", "statistics", "prompts", "files"):
+        assert m1[key] == m2[key], key
+    assert m1["selection"]["replay"]["bit_exact"] and m2["selection"]["replay"]["bit_exact"]
+
+
+def test_two_process_sensitivity_table_equals_single_process(single, two_procs):
+    t1, t2 = single[1]["table"], two_procs["result"]["table"]
+    assert t1 == t2
+    assert all(t1[n]["int8"] > 0 for n in t1) and sum("w4a8" in t1[n] for n in t1) >= 2
+
+
+def test_two_process_eval_clips_equal_single_process(single, two_procs):
+    import numpy as np
+
+    e1, e2 = single[1]["eval"], two_procs["result"]["eval"]
+    assert len(e1["waves"]) == len(e2["waves"]) == EVAL_CLIPS
+    assert all(np.array_equal(a, b) for a, b in zip(e1["waves"], e2["waves"]))
+    assert np.array_equal(e1["trajectory"], e2["trajectory"]) and e1["timesteps"] == e2["timesteps"]
+
+
+def test_split_is_round_robin_and_covers_every_unit():
+    from adm_export.distributed import split
+
+    parts = [split(10, r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(i for p in parts for i in p) == list(range(10))
+
+
+def test_stale_shards_of_another_config_are_not_reused(tmp_path):
+    from adm_export import distributed as dist
+
+    with dist.shard_area(tmp_path / "out"):
+        a = dist.ShardStore.open("stage", {"steps": 3})
+        a.save("u", {"v": 1})
+        b = dist.ShardStore.open("stage", {"steps": 4})
+        assert a.folder != b.folder and not b.has("u") and a.load("u") == {"v": 1}
+        assert dist.run_units(b, ["u"], lambda i: {"v": 2}, "t")["computed"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "0"], "invalid --nproc 0"),
+    (["--nproc", "-2"], "invalid --nproc -2"),
+    (["--nproc", "2", "--device", "cuda"], "--nproc 2 needs 2 GPUs"),
+])
+def test_bad_nproc_is_a_one_line_error(args, message, tmp_path):
+    from click.testing import CliRunner
+
+    from adm_export.cli import cli
+    from tests.helpers import one_error_line
+
+    r = CliRunner().invoke(cli, ["calibrate", "--out", str(tmp_path / "c"), *args])
+    assert r.exit_code == 1
+    assert message in r.output
+    one_error_line(r)
+
+
+def test_nproc_relaunch_command_drops_the_option():
+    from adm_export.distributed import strip_nproc, torchrun_command
+
+    args = strip_nproc(["-q", "build", "--nproc", "4", "--out", "x", "--nproc=2"])
+    assert args == ["-q", "build", "--out", "x"]
+    cmd = torchrun_command(4, args)
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
+    assert cmd[6:] == ["adm_export", *args]
