@@ -141,6 +141,8 @@ class QuantizeConfig:
             (one format per U-Net block; ~5x fewer sensitivity trials).
         trajectory_check: Items per format whose sensitivity is also measured on a short sampler
             run (final-latent error); 0 turns the check off.
+        sensitivity_frames: Latent frames the sensitivity trials run on (the first frames of
+            each point; quantizer ranges still come from the full points); 0: full length.
     """
 
     precision: Precision = Precision.INT8
@@ -153,6 +155,7 @@ class QuantizeConfig:
     sensitivity_points: int = 4
     sensitivity_granularity: str = "layer"
     trajectory_check: int = 2
+    sensitivity_frames: int = 64
 
     def __post_init__(self):
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "--precision"))
@@ -170,6 +173,8 @@ class QuantizeConfig:
         if self.sensitivity_granularity not in ("layer", "block"):
             raise InvalidInputError(
                 f"invalid --sensitivity-granularity {self.sensitivity_granularity!r}: use 'layer' or 'block'")
+        if self.sensitivity_frames < 0:
+            raise InvalidInputError(f"invalid --sensitivity-frames {self.sensitivity_frames!r}: must be >= 0 (0: full)")
         if self.trajectory_check < 0:
             raise InvalidInputError(f"invalid --trajectory-check {self.trajectory_check!r}: must be >= 0 (0: off)")
         _check_device(self.device)

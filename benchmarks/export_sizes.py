@@ -30,8 +30,14 @@ from pathlib import Path
 class ListCache:
     """The slice of ``CalibrationCache`` the quantize helpers use, over in-memory points."""
 
-    def __init__(self, points):
+    def __init__(self, points, prompts=("a dog barks", "rain on a tin roof"), audio_seconds=1.28):
         self._points = points
+        self._prompts = list(prompts)
+        # What the trajectory check of the mixed search reads: sampler settings and prompts.
+        self.manifest = {"config": {"seed": 0, "audio_seconds": audio_seconds, "guidance_scale": 2.5}}
+
+    def prompts(self):
+        return list(self._prompts)
 
     def __len__(self):
         return len(self._points)
@@ -73,7 +79,8 @@ def make_points(adapter, n: int, frames: int, seed: int):
     return pts
 
 
-def run_preset(name, adapter, cache, eval_points, refs, budget, sens_points, workdir, parity):
+def run_preset(name, adapter, cache, eval_points, refs, budget, sens_points, workdir, parity, granularity="layer",
+               trajectory_check=2):
     from adm_export.config import QuantizeConfig
     from adm_export.export import policy as pol
     from adm_export.export.onnx import build_onnx, export_opset, save_onnx, weight_codecs
@@ -81,7 +88,8 @@ def run_preset(name, adapter, cache, eval_points, refs, budget, sens_points, wor
 
     t0 = time.perf_counter()
     cfg = QuantizeConfig(precision=name, size_budget=budget if name == "mixed" else None,
-                         target="onnxruntime-cpu", sensitivity_points=sens_points)
+                         target="onnxruntime-cpu", sensitivity_points=sens_points,
+                         sensitivity_granularity=granularity, trajectory_check=trajectory_check)
     plans, policy, capability = plan_layers(cfg, adapter)
     search = None
     if policy.searched:
@@ -112,7 +120,8 @@ def run_preset(name, adapter, cache, eval_points, refs, budget, sens_points, wor
     if search is not None:
         sol = search["solution"]
         row["search"] = {k: sol[k] for k in ("predicted_rel_l2", "total_sensitivity", "predicted_fraction",
-                                             "budget_fraction", "eval_points", "candidates")}
+                                             "budget_fraction", "eval_points", "candidates", "granularity", "items",
+                                             "trajectory_check")}
         row["search"]["top_sensitive"] = search["ranking"][:10]
     if parity:
         from adm_export.export.onnx import check_parity, parity_session
@@ -142,7 +151,8 @@ def markdown(result: dict) -> str:
         fm = ", ".join(f"{k} {v['layers']}" for k, v in sorted(r["formats"].items()))
         extra = ""
         if "search" in r:
-            extra = f" (budget {100 * r['search']['budget_fraction']:.0f}%, predicted {r['search']['predicted_rel_l2']:.4f})"
+            extra = (f" (budget {100 * r['search']['budget_fraction']:.0f}%, {r['search'].get('granularity', 'layer')}s, "
+                     f"predicted {r['search']['predicted_rel_l2']:.4f})")
         lines.append(f"| {r['preset']}{extra} | {r['export_bytes'] / 1e6:.1f} MB | "
                      f"{100 * r['export_bytes'] / fp32:.1f}% | {r['measured_rel_l2']:.4f} | {fm} |")
     lines += ["", "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in result["targets"].items())]
@@ -156,6 +166,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--calib-points", type=int, default=4)
     ap.add_argument("--eval-points", type=int, default=2)
     ap.add_argument("--sensitivity-points", type=int, default=1)
+    ap.add_argument("--granularity", choices=["layer", "block"], default="block",
+                    help="sensitivity granularity of the mixed search (block: ~5x fewer trials)")
+    ap.add_argument("--trajectory-check", type=int, default=2)
     ap.add_argument("--frames", type=int, default=32, help="latent frames per point (256 = 10.24 s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parity", action="store_true", help="also check ONNX Runtime parity on one point")
@@ -182,7 +195,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets.split(","):
             row = run_preset(name, adapter, cache, eval_points, refs, args.size_budget, args.sensitivity_points,
-                             tmp, args.parity)
+                             tmp, args.parity, args.granularity, args.trajectory_check)
             rows.append(row)
             print(f"{name}: {row['export_bytes'] / 1e6:.1f} MB = {100 * row['export_bytes'] / (4 * params):.1f}% of "
                   f"FP32, error {row['measured_rel_l2']:.4f} ({row['quantize_seconds']} s quantize, "

@@ -176,20 +176,26 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
     calib = list(cache.points())
     from adm_export.export.onnx import parity_points
 
-    eval_points = parity_points(cache, cfg.sensitivity_points)
+    spec = adapter.denoiser_spec()
+    full_points = parity_points(cache, cfg.sensitivity_points)
+    # Trials on the first --sensitivity-frames frames (quantizer ranges still from the full points).
+    eval_points = sensitivity.crop_frames(full_points, spec, cfg.sensitivity_frames)
     refs = references_for(eval_points)
+    full_frames = _frames(full_points[0], spec)
+    trial_frames = _frames(eval_points[0], spec)
 
     def quantize_fn(trial, pts):
         return quantize_with_plans(adapter, pts, [*fixed, *trial], "tensorrt")
 
-    table = sensitivity.measure(adapter, calib, eval_points, auto, candidates, quantize_fn, refs, policy.int4_convs,
-                                groups)
-    trajectory, trajectory_settings = {}, None
+    check, trajectory_settings = None, None
     if cfg.trajectory_check > 0:
         if final_latents is None:
-            final_latents, trajectory_settings = short_trajectory(adapter, cache)
-        trajectory = sensitivity.check_trajectories(adapter, calib, auto, candidates, quantize_fn, table, groups,
-                                                    final_latents, cfg.trajectory_check, policy.int4_convs)
+            # The sampler run is as short as the trials' latents (same share of the cache's length).
+            final_latents, trajectory_settings = short_trajectory(adapter, cache, trial_frames / max(full_frames, 1))
+        check = sensitivity.TrajectoryCheck(final_latents, cfg.trajectory_check)
+    table = sensitivity.measure(adapter, calib, eval_points, auto, candidates, quantize_fn, refs, policy.int4_convs,
+                                groups, check)
+    trajectory = check.results if check is not None else {}
     params = adapter.denoiser_parameter_count()
     fp32 = 4 * params
     # Bytes not owned by a searched layer: FP32 non-layer parameters (biases, norms) and the
@@ -214,6 +220,7 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
                      "predicted_weight_bytes": predicted_bytes, "predicted_fraction": predicted_bytes / fp32,
                      "graph_overhead_reserved_bytes": overhead, "eval_points": len(eval_points),
                      "calibration_points": len(calib), "granularity": cfg.sensitivity_granularity,
+                     "trial_frames": trial_frames, "point_frames": full_frames,
                      "trajectory_check": {"top_k": cfg.trajectory_check, **(trajectory_settings or {})},
                      "candidates": sorted({f for c in candidates.values() for f in c})})
     comparison = None
@@ -227,20 +234,31 @@ TRAJECTORY_STEPS = 4
 TRAJECTORY_PROMPTS = 2
 
 
-def short_trajectory(adapter, cache: CalibrationCache):
+def _frames(point: dict, spec) -> int:
+    """Latent frames of a cached point (its first input with a ``frames`` axis)."""
+    for name, dims in spec.dynamic_axes().items():
+        for axis, dim in dims.items():
+            if dim == "frames" and name in point:
+                return int(point[name].shape[axis])
+    return 0
+
+
+def short_trajectory(adapter, cache: CalibrationCache, length_share: float = 1.0):
     """A ``final_latents(model)`` function for the trajectory check, and its settings.
 
-    Runs the sampler (``TRAJECTORY_STEPS`` steps, the cache's audio length and guidance) on the
-    cache's first prompts with ``model`` as the denoiser and returns what reaches the VAE
-    decoder: the final latents. Pipelines without a ``vae.decoder`` fall back to the waveforms.
+    Runs the sampler (``TRAJECTORY_STEPS`` steps, ``length_share`` of the cache's audio length,
+    its guidance) on the cache's first prompts with ``model`` as the denoiser and returns what
+    reaches the VAE decoder: the final latents. Pipelines without a ``vae.decoder`` fall back to
+    the waveforms.
     """
     import torch
 
     calib_cfg = cache.manifest["config"]
     prompts = cache.prompts()[:TRAJECTORY_PROMPTS]
     seeds = [int(calib_cfg.get("seed", 0)) + i for i in range(len(prompts))]
+    seconds = float(calib_cfg["audio_seconds"]) * min(max(length_share, 0.0), 1.0)
     decoder = getattr(getattr(adapter.pipeline, "vae", None), "decoder", None)
-    settings = {"steps": TRAJECTORY_STEPS, "prompts": len(prompts), "audio_seconds": calib_cfg["audio_seconds"],
+    settings = {"steps": TRAJECTORY_STEPS, "prompts": len(prompts), "audio_seconds": round(seconds, 3),
                 "compared": "final latents (VAE decoder input)" if decoder is not None else "waveforms"}
 
     def final_latents(model):
@@ -252,8 +270,7 @@ def short_trajectory(adapter, cache: CalibrationCache):
             with contextlib.ExitStack() as stack:
                 if model is not None:
                     stack.enter_context(adapter.using_denoiser(model))
-                audio = adapter.generate(prompts, seeds, TRAJECTORY_STEPS, calib_cfg["audio_seconds"],
-                                         calib_cfg["guidance_scale"])
+                audio = adapter.generate(prompts, seeds, TRAJECTORY_STEPS, seconds, calib_cfg["guidance_scale"])
         finally:
             if handle is not None:
                 handle.remove()

@@ -29,6 +29,7 @@ only that item quantized; the report lists both numbers side by side.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -140,9 +141,42 @@ def _trial(plans, fmt: str, candidates: dict[str, list[str]], modules: dict, int
     return [with_format(p, fmt if fmt in candidates[p.name] else "fp16", modules[p.name], int4_convs) for p in plans]
 
 
+@dataclasses.dataclass
+class TrajectoryCheck:
+    """The trajectory check of :func:`measure`: settings in, results filled in place.
+
+    Attributes:
+        final_latents: ``final_latents(model) -> list of tensors``: a short sampler run with
+            ``model`` as the denoiser (``None``: full precision), same prompts and seeds each call.
+        top_k: Items checked per format (the ``top_k`` largest one-call errors in that format).
+        results: ``{item: {format: rel-L2 of the final latents vs full precision, RMS over runs}}``.
+    """
+
+    final_latents: Callable
+    top_k: int
+    results: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    _reference: list | None = None
+
+    def run(self, fmt: str, items: list[str], model, switch: "_Switch", groups: dict[str, list[str]],
+            scores: dict[str, float]) -> None:
+        from adm_export.export.quantize import rel_l2
+
+        if self.top_k <= 0 or not items:
+            return
+        if self._reference is None:
+            self._reference = self.final_latents(None)
+        ranked = sorted(items, key=lambda i: -scores[i])[: self.top_k]
+        for item in progress(ranked, desc=f"trajectory check {fmt}", unit="item"):
+            with switch.on([n for n in groups[item] if switch.format[n] == fmt]):
+                got = self.final_latents(model)
+            errs = [rel_l2(a, b) for a, b in zip(got, self._reference)]
+            self.results.setdefault(item, {})[fmt] = math.sqrt(sum(e * e for e in errs) / len(errs))
+
+
 def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, candidates: dict[str, list[str]],
             quantize_fn: Callable, references: list, int4_convs: bool = True,
-            groups: dict[str, list[str]] | None = None) -> dict[str, dict[str, float]]:
+            groups: dict[str, list[str]] | None = None,
+            trajectory: TrajectoryCheck | None = None) -> dict[str, dict[str, float]]:
     """Per-item sensitivity: ``{item: {format: mean squared rel-L2 output error}}``.
 
     Args:
@@ -156,6 +190,8 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
         int4_convs: The policy's INT4-convolution switch.
         groups: Search items (:func:`group_plans`); default one item per layer. An item is
             measured in a format with all its layers that can take the format quantized at once.
+        trajectory: Also run the trajectory check on each format's most sensitive items (with
+            the model already calibrated for that format); results land in ``trajectory.results``.
     """
     import torch
 
@@ -169,6 +205,7 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
         trial = _trial(plans, fmt, candidates, modules, int4_convs)
         model = quantize_fn(trial, calib_points)
         switch = _Switch(model, trial)
+        measured = []
         for item, names in progress(list(groups.items()), desc=f"sensitivity {fmt}", unit="item"):
             # Layers that fell back (no INT4 block fits) or cannot take fmt stay unquantized.
             members = [n for n in names if switch.format[n] == fmt]
@@ -177,6 +214,9 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
             with switch.on(members), torch.no_grad():
                 errs = [rel_l2(run_denoiser(adapter, model, x), ref) ** 2 for x, ref in zip(eval_points, references)]
             table[item][fmt] = sum(errs) / len(errs)
+            measured.append(item)
+        if trajectory is not None:
+            trajectory.run(fmt, measured, model, switch, groups, {i: table[i][fmt] for i in measured})
         del model, switch
     return table
 
@@ -205,48 +245,27 @@ class _Switch:
                     q.disable()
 
 
-def check_trajectories(adapter, calib_points: list[dict], plans, candidates: dict[str, list[str]],
-                       quantize_fn: Callable, table: dict[str, dict[str, float]], groups: dict[str, list[str]],
-                       final_latents: Callable, top_k: int, int4_convs: bool = True) -> dict[str, dict[str, float]]:
-    """Final-latent error of a short sampler run for the ``top_k`` most sensitive items per format.
+def crop_frames(points: list[dict], spec, frames: int) -> list[dict]:
+    """The first ``frames`` latent frames of each point (rounded down to the spec's frame multiple).
 
-    Args:
-        adapter: The model adapter.
-        calib_points: Points the quantizers are calibrated on (as in :func:`measure`).
-        plans: The resolved (``auto``) layer plans.
-        candidates: ``{layer: [formats]}``.
-        quantize_fn: As in :func:`measure`.
-        table: :func:`measure`'s result (which items are the most sensitive).
-        groups: The search items.
-        final_latents: ``final_latents(model) -> list of tensors``: the short sampler run with
-            ``model`` as the denoiser (``None``: full precision), same prompts and seeds each call.
-        top_k: Items checked per format.
-
-    Returns:
-        ``{item: {format: rel-L2 of the final latents vs full precision (RMS over the runs)}}``.
+    The sensitivity trials run the U-Net hundreds of times; on a shorter latent each trial costs
+    proportionally less while every quantizer keeps the ranges calibrated on the full points.
+    ``frames <= 0`` or a point already that short: unchanged.
     """
-    from adm_export.export.quantize import rel_l2
-
-    if top_k <= 0:
-        return {}
-    modules = dict((n, m) for n, m in adapter.denoiser.named_modules())
-    reference = final_latents(None)
-    formats = sorted({f for row in table.values() for f in row if f != "fp16"})
-    checks: dict[str, dict[str, float]] = {}
-    for fmt in formats:
-        ranked = sorted((item for item in table if fmt in table[item]), key=lambda i: -table[i][fmt])[:top_k]
-        if not ranked:
-            continue
-        trial = _trial(plans, fmt, candidates, modules, int4_convs)
-        model = quantize_fn(trial, calib_points)
-        switch = _Switch(model, trial)
-        for item in progress(ranked, desc=f"trajectory check {fmt}", unit="item"):
-            with switch.on([n for n in groups[item] if switch.format[n] == fmt]):
-                got = final_latents(model)
-            errs = [rel_l2(a, b) for a, b in zip(got, reference)]
-            checks.setdefault(item, {})[fmt] = math.sqrt(sum(e * e for e in errs) / len(errs))
-        del model, switch
-    return checks
+    if frames <= 0:
+        return points
+    keep = max(spec.frame_multiple, frames // spec.frame_multiple * spec.frame_multiple)
+    axes = {name: [i for i, d in dims.items() if d == "frames"] for name, dims in spec.dynamic_axes().items()}
+    out = []
+    for point in points:
+        cropped = {}
+        for name, value in point.items():
+            for axis in axes.get(name, []):
+                if value.shape[axis] > keep:
+                    value = value.narrow(axis, 0, keep).contiguous()
+            cropped[name] = value
+        out.append(cropped)
+    return out
 
 
 def choose(plans, table: dict[str, dict[str, float]], candidates: dict[str, list[str]], budget_bytes: float,

@@ -205,9 +205,23 @@ def test_trajectory_check_measures_the_most_sensitive_items(small_search):
     def final_latents(model):
         return [run_denoiser(adapter, model if model is not None else adapter.denoiser, p) for p in points]
 
-    checks = sensitivity.check_trajectories(adapter, points, plans, cands, qfn, table, groups, final_latents, 1)
+    check = sensitivity.TrajectoryCheck(final_latents, top_k=1)
+    again = sensitivity.measure(adapter, points, points, plans, cands, qfn, refs, True, groups, check)
+    assert again == table  # the check does not change the measurement
     for fmt in ("int8", "fp8", "w4a8"):
         worst = max(table, key=lambda i: table[i][fmt])
-        assert set(k for k, v in checks.items() if fmt in v) == {worst}
-        assert checks[worst][fmt] == pytest.approx(math.sqrt(table[worst][fmt]), rel=1e-4)
-    assert sensitivity.check_trajectories(adapter, points, plans, cands, qfn, table, groups, final_latents, 0) == {}
+        assert {k for k, v in check.results.items() if fmt in v} == {worst}
+        assert check.results[worst][fmt] == pytest.approx(math.sqrt(table[worst][fmt]), rel=1e-4)
+
+
+def test_crop_frames_keeps_a_frame_multiple_of_the_latent(tiny_adapter):
+    from adm_export.export.sensitivity import crop_frames
+
+    spec = tiny_adapter.denoiser_spec()
+    point = spec.dummy_inputs(batch=2, frames=8 * spec.frame_multiple)
+    (cropped,) = crop_frames([point], spec, 3 * spec.frame_multiple + 1)
+    assert cropped["sample"].shape[2] == 3 * spec.frame_multiple
+    assert (cropped["sample"] == point["sample"][:, :, : 3 * spec.frame_multiple]).all()
+    # Inputs without a frames axis are untouched; 0 means full length.
+    assert all(cropped[k] is point[k] for k in point if k != "sample")
+    assert crop_frames([point], spec, 0)[0] is point
