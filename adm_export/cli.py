@@ -182,7 +182,7 @@ def quant_options(f):
                      help="For --precision mixed: calibration points the sensitivity is measured on."),
         click.option("--sensitivity-granularity", type=click.Choice(["layer", "block"]), default="layer",
                      show_default=True, help="For --precision mixed: one format per layer, or per U-Net block "
-                     "(~5x fewer trials, for full-size models on a CPU)."),
+                     "(~6x fewer trials, for full-size models on a CPU)."),
         click.option("--trajectory-check", type=int, default=2, show_default=True,
                      help="For --precision mixed: most sensitive items per format re-measured on a short "
                      "sampler run (final-latent error); 0: off."),

@@ -138,7 +138,7 @@ class QuantizeConfig:
         placement: Q/DQ placement; ``onnxruntime`` also quantizes INT8 convolutions' outputs.
         sensitivity_points: Calibration points the ``mixed`` sensitivity search measures on.
         sensitivity_granularity: ``layer`` (every conv/linear layer its own format) or ``block``
-            (one format per U-Net block; ~5x fewer sensitivity trials).
+            (one format per U-Net block; ~6x fewer sensitivity trials).
         trajectory_check: Items per format whose sensitivity is also measured on a short sampler
             run (final-latent error); 0 turns the check off.
         sensitivity_frames: Latent frames the sensitivity trials run on (the first frames of

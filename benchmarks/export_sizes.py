@@ -36,6 +36,7 @@ class ListCache:
         # What the trajectory check of the mixed search reads: sampler settings and prompts.
         self.manifest = {"config": {"seed": 0, "audio_seconds": audio_seconds, "guidance_scale": 2.5}}
 
+    @property
     def prompts(self):
         return list(self._prompts)
 

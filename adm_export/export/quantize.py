@@ -254,7 +254,7 @@ def short_trajectory(adapter, cache: CalibrationCache, length_share: float = 1.0
     import torch
 
     calib_cfg = cache.manifest["config"]
-    prompts = cache.prompts()[:TRAJECTORY_PROMPTS]
+    prompts = list(cache.prompts)[:TRAJECTORY_PROMPTS]
     seeds = [int(calib_cfg.get("seed", 0)) + i for i in range(len(prompts))]
     seconds = float(calib_cfg["audio_seconds"]) * min(max(length_share, 0.0), 1.0)
     decoder = getattr(getattr(adapter.pipeline, "vae", None), "decoder", None)

@@ -17,8 +17,8 @@
 Granularity (``--sensitivity-granularity``): ``layer`` measures and chooses every conv/linear
 layer on its own; ``block`` groups them by U-Net block (a ResNet block, a transformer block, a
 down/up sampler, the time embedding: :func:`block_of`), measures a block with all its layers in
-a format at once and gives the whole block one format. Blocks need ~5x fewer trials (the
-AudioLDM-S-sized U-Net: 284 layers, 53 blocks), at the price of a coarser choice.
+a format at once and gives the whole block one format. Blocks need ~6x fewer trials (the
+AudioLDM-S-sized U-Net: 284 searched layers, 48 blocks), at the price of a coarser choice.
 
 Trajectory check (``--trajectory-check K``): one U-Net call can hide errors that grow along the
 sampler. For each format, the K items with the largest one-call error are re-measured by the
