@@ -76,7 +76,8 @@ def eval_prompts(num_clips: int) -> list[str]:
 
 def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[int], cfg: EvalConfig,
                              label: str, timesteps: list | None = None,
-                             denoiser_key: Any = "full-precision") -> tuple[list[np.ndarray], np.ndarray]:
+                             denoiser_key: Any = "full-precision", embedding: tuple | None = None,
+                             embedded: list | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Generate clips in chunks of :data:`CHUNK` and record x_t of every step.
 
     Under torchrun the chunks are split over the ranks (one resumable shard per chunk,
@@ -92,6 +93,10 @@ def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[in
         timesteps: If given, filled with the scheduler timestep of every step (first chunk).
         denoiser_key: Identity of the denoiser that runs (part of the shards' key: an engine's
             manifest digest, or ``"full-precision"``).
+        embedding: ``(identity, embed)``: also embed each chunk's clips where they are generated
+            (``embed(waves) -> (fd_rows_per_clip, logits)``, :func:`_embed_set`), so the embedding
+            is split over the ranks too; ``identity`` joins the shards' key.
+        embedded: With ``embedding``: filled with ``(fd_rows_per_clip, logits)`` of all clips (rank 0).
 
     Returns:
         ``(waveforms, latents)`` with latents shaped (clips, steps, *latent_shape).
@@ -104,7 +109,7 @@ def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[in
     store = dist.ShardStore.open("eval-clips", {
         "model": adapter.identity(), "denoiser": denoiser_key, "prompts": list(prompts), "seeds": list(seeds),
         "steps": cfg.steps, "audio_seconds": cfg.audio_seconds, "guidance_scale": cfg.guidance_scale,
-        "device": cfg.device, "chunk": CHUNK})
+        "device": cfg.device, "chunk": CHUNK, "embedding": None if embedding is None else embedding[0]})
 
     def run_chunk(c: int) -> dict:
         chunk = chunks[c]
@@ -120,8 +125,13 @@ def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[in
         with adapter.record_denoiser_calls(record):
             waves = adapter.generate([prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg.steps,
                                      cfg.audio_seconds, cfg.guidance_scale)
-        return {"waves": [torch.from_numpy(np.ascontiguousarray(w)) for w in waves],
+        unit = {"waves": [torch.from_numpy(np.ascontiguousarray(w)) for w in waves],
                 "trajectory": torch.stack(steps, dim=1), "timesteps": stamps}
+        if embedding is not None:
+            blocks, logits = embedding[1](waves)
+            unit["blocks"] = [torch.from_numpy(np.ascontiguousarray(b)) for b in blocks]
+            unit["logits"] = None if logits is None else torch.from_numpy(np.ascontiguousarray(logits))
+        return unit
 
     units = [f"chunk-{c:05d}" for c in range(len(chunks))]
     dist.run_units(store, units, run_chunk, f"eval: {label}", "batch")
@@ -133,25 +143,44 @@ def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[in
     if timesteps is not None and results:
         timesteps.extend(results[0]["timesteps"])
     waves = [w.numpy() for r in results for w in r["waves"]]
+    if embedding is not None and embedded is not None:
+        logits = [r["logits"] for r in results]
+        embedded[:] = [[b.numpy() for r in results for b in r["blocks"]],
+                       None if any(x is None for x in logits) else np.concatenate([x.numpy() for x in logits])]
     return waves, np.concatenate([r["trajectory"].numpy() for r in results])
 
 
+def _embedder_identity(embedder, cfg: EvalConfig) -> dict:
+    """What an embedding depends on besides the clips (part of the eval shards' key)."""
+    ckpt = cfg.embedder_checkpoint
+    stat = Path(ckpt).stat() if ckpt and Path(ckpt).exists() else None
+    return {"name": embedder.name, "description": getattr(embedder, "description", None), "checkpoint": ckpt,
+            "checkpoint_stat": None if stat is None else [stat.st_size, stat.st_mtime_ns]}
+
+
 def _full_precision_run(adapter, prompts: Sequence[str], seeds: Sequence[int], cfg: EvalConfig, label: str,
-                        timesteps: list) -> tuple[list[np.ndarray], np.ndarray]:
+                        timesteps: list, embedding: tuple | None = None,
+                        embedded: list | None = None) -> tuple[list[np.ndarray], np.ndarray]:
     """:func:`generate_with_trajectory` with the adapter's own denoiser, through :data:`BASELINE_CACHE`."""
     import json
 
     if BASELINE_CACHE is None:
-        return generate_with_trajectory(adapter, prompts, seeds, cfg, label, timesteps)
+        return generate_with_trajectory(adapter, prompts, seeds, cfg, label, timesteps, embedding=embedding,
+                                        embedded=embedded)
     key = json.dumps([adapter.identity(), list(prompts), list(seeds), cfg.steps, cfg.audio_seconds,
-                      cfg.guidance_scale, cfg.device], sort_keys=True, default=str)
+                      cfg.guidance_scale, cfg.device, None if embedding is None else embedding[0]],
+                     sort_keys=True, default=str)
     if key not in BASELINE_CACHE:
         steps: list[float] = []
-        BASELINE_CACHE[key] = (*generate_with_trajectory(adapter, prompts, seeds, cfg, label, steps), steps)
+        emb: list = []
+        BASELINE_CACHE[key] = (*generate_with_trajectory(adapter, prompts, seeds, cfg, label, steps,
+                                                         embedding=embedding, embedded=emb), steps, emb)
     else:
         logger.info("eval: %s reused from this process's baseline cache", label)
-    waves, traj, steps = BASELINE_CACHE[key]
+    waves, traj, steps, emb = BASELINE_CACHE[key]
     timesteps[:] = steps
+    if embedded is not None:
+        embedded[:] = emb
     return waves, traj
 
 
@@ -493,7 +522,7 @@ def _gate(cfg: EvalConfig, intervals: dict, nonfinite: list[int], num_clips: int
 
 def score_clips(cfg: EvalConfig, prompts: Sequence[str], baseline: Sequence[np.ndarray],
                 quantized: Sequence[np.ndarray], reference: Sequence[np.ndarray], sr: int, embedder,
-                reference_info: dict) -> dict:
+                reference_info: dict, embedded: Sequence | None = None) -> dict:
     """Every clip-level metric and the gate, from the three sets of clips.
 
     Args:
@@ -506,6 +535,8 @@ def score_clips(cfg: EvalConfig, prompts: Sequence[str], baseline: Sequence[np.n
         embedder: An :class:`~adm_export.eval.embedders.Embedder`.
         reference_info: ``{"kind": "folder" | "baseline_other_seeds", ...}``; a baseline draw is
             paired with ``baseline`` by prompt (KL, bootstrap).
+        embedded: Per set (baseline, quantized, reference), its ``(fd_rows_per_clip, logits)`` when
+            already embedded (where the clips were generated, split over ranks), or ``None``.
 
     Returns:
         The metrics part of the ``eval`` result (FDs with intervals, KL, IS, CLAP, FD-inf, gate).
@@ -547,8 +578,9 @@ def score_clips(cfg: EvalConfig, prompts: Sequence[str], baseline: Sequence[np.n
         return result
 
     # 1. Embeddings (and class logits where the embedder has a head).
+    embedded = list(embedded) if embedded is not None else [None, None, None]
     (b_blocks, b_logits), (q_blocks, q_logits), (r_blocks, r_logits) = (
-        _embed_set(embedder, w, sr) for w in (baseline, quantized, reference))
+        e if e else _embed_set(embedder, w, sr) for w, e in zip((baseline, quantized, reference), embedded))
     b_rows, q_rows, r_rows = (np.concatenate(x) for x in (b_blocks, q_blocks, r_blocks))
 
     # 2. Point estimates (the cross-checked FD on the full sets).
@@ -751,16 +783,20 @@ def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, f
     ref_wave = load_reference(cfg.reference_dir, sr) if cfg.reference_dir else None
 
     # 2. Baseline, engine and reference clips, same prompts and seeds for the first two.
+    #    Each chunk's clips are embedded where they are generated (split over ranks with it).
     timesteps: list[float] = []
-    base_wave, base_traj = _full_precision_run(adapter, prompts, seeds, cfg, "baseline", timesteps)
+    embedding = (_embedder_identity(embedder, cfg), lambda waves: _embed_set(embedder, waves, sr))
+    emb: list[list] = [[], [], []]
+    base_wave, base_traj = _full_precision_run(adapter, prompts, seeds, cfg, "baseline", timesteps, embedding, emb[0])
     with adapter.using_denoiser(denoiser):
         q_wave, q_traj = generate_with_trajectory(adapter, prompts, seeds, cfg, "engine",
-                                                  denoiser_key={"engine": manifest_digest(manifest)})
+                                                  denoiser_key={"engine": manifest_digest(manifest)},
+                                                  embedding=embedding, embedded=emb[1])
     if ref_wave is not None:
         reference = {"kind": "folder", "path": str(cfg.reference_dir), "clips": len(ref_wave)}
     else:
         ref_seeds = [s + REFERENCE_SEED_OFFSET for s in seeds]
-        ref_wave, _ = _full_precision_run(adapter, prompts, ref_seeds, cfg, "reference draw", [])
+        ref_wave, _ = _full_precision_run(adapter, prompts, ref_seeds, cfg, "reference draw", [], embedding, emb[2])
         reference = {"kind": "baseline_other_seeds", "clips": len(ref_wave), "seed_offset": REFERENCE_SEED_OFFSET}
     # Denoiser calls the engine made in this run, every rank's (chunks reused from shards made none).
     engine_calls = sum(dist.all_gather(int(denoiser.calls)))
@@ -768,7 +804,7 @@ def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, f
         return None
 
     # 3. Clip metrics and the gate; 4. the per-step latent error.
-    scores = score_clips(cfg, prompts, base_wave, q_wave, ref_wave, sr, embedder, reference)
+    scores = score_clips(cfg, prompts, base_wave, q_wave, ref_wave, sr, embedder, reference, embedded=emb)
     result = {
         "num_clips": cfg.num_clips,
         "steps": cfg.steps,

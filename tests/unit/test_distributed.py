@@ -67,13 +67,17 @@ def _sensitivity():
 
 def _eval_clips(adapter):
     from adm_export.config import EvalConfig
-    from adm_export.eval.harness import eval_prompts, generate_with_trajectory
+    from adm_export.eval.embedders import get_embedder
+    from adm_export.eval.harness import _embed_set, eval_prompts, generate_with_trajectory
 
     cfg = EvalConfig(num_clips=EVAL_CLIPS, steps=EVAL_STEPS, audio_seconds=1.28)
+    embedder = get_embedder("logmel")
     steps: list = []
-    waves, traj = generate_with_trajectory(adapter, eval_prompts(EVAL_CLIPS), list(range(EVAL_CLIPS)), cfg,
-                                           "baseline", steps)
-    return {"waves": waves, "trajectory": traj, "timesteps": steps}
+    embedded: list = []
+    waves, traj = generate_with_trajectory(
+        adapter, eval_prompts(EVAL_CLIPS), list(range(EVAL_CLIPS)), cfg, "baseline", steps,
+        embedding=("logmel", lambda w: _embed_set(embedder, w, adapter.sampling_rate)), embedded=embedded)
+    return {"waves": waves, "trajectory": traj, "timesteps": steps, "embedded": embedded}
 
 
 def _worker(rank: int, world: int, port: int, root: str, full: bool, fail: str) -> None:
@@ -203,6 +207,9 @@ def test_two_process_eval_clips_equal_single_process(single, two_procs):
     assert len(e1["waves"]) == len(e2["waves"]) == EVAL_CLIPS
     assert all(np.array_equal(a, b) for a, b in zip(e1["waves"], e2["waves"]))
     assert np.array_equal(e1["trajectory"], e2["trajectory"]) and e1["timesteps"] == e2["timesteps"]
+    # Embedded where generated (each rank its chunks): the same FD rows as one process.
+    (b1, _), (b2, _) = e1["embedded"], e2["embedded"]
+    assert len(b1) == len(b2) == EVAL_CLIPS and all(np.array_equal(x, y) for x, y in zip(b1, b2))
 
 
 def test_split_is_round_robin_and_covers_every_unit():
