@@ -138,6 +138,7 @@ def init() -> bool:
         backend = "gloo"
     timeout = datetime.timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)))
     dist.init_process_group(backend=backend, timeout=timeout)
+    _isolate_modelopt()
     if not is_main():
         from adm_export.progress import set_progress
 
@@ -145,6 +146,25 @@ def init() -> bool:
         set_progress(False)
     logger.info("torch.distributed: %d processes (%s)", world_size(), backend)
     return True
+
+
+def _isolate_modelopt() -> None:
+    """Keep ModelOpt from syncing calibration ranges across our ranks.
+
+    Once a process group exists, ModelOpt's ``max`` calibration all-reduces every quantizer's
+    amax over it (data-parallel calibration). Here each rank that quantizes calibrates on the same
+    points (the sync would change nothing), and outside the sensitivity search only rank 0
+    quantizes: its all-reduce would pair with the other ranks' barrier and hang or crash them.
+    So ModelOpt is told that no process group exists (its own ``is_initialized`` helper).
+    """
+    import warnings
+
+    try:
+        import modelopt.torch.utils.distributed as mdist
+    except ImportError:  # pragma: no cover - ModelOpt is a hard dependency of quantize
+        return
+    mdist.is_initialized = lambda: False
+    warnings.filterwarnings("ignore", message="Distributed training is initialized but no parallel_state")
 
 
 def barrier() -> None:

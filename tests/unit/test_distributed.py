@@ -19,6 +19,11 @@ import pytest
 TINY_CAL = dict(num_prompts=4, steps=3, points=4, audio_seconds=1.28)
 EVAL_CLIPS = 10  # two chunks of harness.CHUNK (8 + 2): one per rank
 EVAL_STEPS = 2
+EVAL_SEED = 1234  # the eval stage's default seed: clip i gets EVAL_SEED + i
+# The same settings as `adm-export build` arguments.
+BUILD_ARGS = ["--num-prompts", "4", "--steps", "3", "--points", "4", "--seconds", "1.28",
+              "--num-clips", str(EVAL_CLIPS), "--eval-steps", str(EVAL_STEPS), "--eval-seconds", "1.28",
+              "--bootstrap", "20"]
 
 
 def _net_adapter():
@@ -75,7 +80,7 @@ def _eval_clips(adapter):
     steps: list = []
     embedded: list = []
     waves, traj = generate_with_trajectory(
-        adapter, eval_prompts(EVAL_CLIPS), list(range(EVAL_CLIPS)), cfg, "baseline", steps,
+        adapter, eval_prompts(EVAL_CLIPS), [EVAL_SEED + i for i in range(EVAL_CLIPS)], cfg, "baseline", steps,
         embedding=("logmel", lambda w: _embed_set(embedder, w, adapter.sampling_rate)), embedded=embedded)
     return {"waves": waves, "trajectory": traj, "timesteps": steps, "embedded": embedded}
 
@@ -136,6 +141,9 @@ def single(tmp_path_factory):
         result = {"manifest": manifest, "table": _sensitivity(), "eval": _eval_clips(adapter)}
     finally:
         torch.set_num_threads(threads)
+    from adm_export.eval.harness import write_clips
+
+    write_clips(root / "baseline", result["eval"]["waves"], adapter.sampling_rate)
     return root, result
 
 
@@ -256,3 +264,33 @@ def test_nproc_relaunch_command_drops_the_option():
     cmd = torchrun_command(4, args)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m"]
     assert cmd[6:] == ["adm_export", *args]
+
+
+@pytest.fixture(scope="module")
+def cli_build(tmp_path_factory):
+    """``adm-export build --nproc 2`` (torchrun relaunch, 2 gloo processes, 1 thread each)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("cli") / "build"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ADM_EXPORT_NO_PROGRESS="1")
+    r = subprocess.run([sys.executable, "-m", "adm_export", "--quiet", "build", "--out", str(out), "--nproc", "2",
+                        *BUILD_ARGS], env=env, capture_output=True, text=True, timeout=600)
+    return out, r
+
+
+def test_cli_build_with_two_processes_equals_single_process(single, cli_build):
+    import json
+
+    out, r = cli_build
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("quality gate:") == 1, r.stdout  # rank 0 prints the summary, once
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval"]["num_clips"] == EVAL_CLIPS and report["eval"]["gate"]["passed"] is not None
+    # The cache and the baseline clips are the single-process ones, byte for byte.
+    assert (out / "calibration" / "points.safetensors").read_bytes() == \
+        (single[0] / "cal" / "points.safetensors").read_bytes()
+    for i in range(EVAL_CLIPS):
+        name = f"{i:04d}.wav"
+        assert (out / "eval" / "baseline" / name).read_bytes() == (single[0] / "baseline" / name).read_bytes(), name
+    assert not (out.parent / ".build.shards").exists()
