@@ -39,6 +39,7 @@ EMBEDDERS: dict[str, str] = {
     "panns-cnn14": "PANNs Cnn14 16 kHz (2048-d fc1 + 527 AudioSet logits); audioldm_eval FD/KL/IS",
     "vggish": "VGGish (128-d per 0.96 s frame); FAD as audioldm_eval computes it",
     "clap": "LAION CLAP audio tower via transformers (48 kHz); needs a local checkpoint folder",
+    "reference-clap": "audio encoder trained with reference-audioldm (192-d + 10-class head); shipped weights",
 }
 
 CHECKPOINT_FLAG = "--embedder-checkpoint"
@@ -838,6 +839,15 @@ def get_embedder(name: str, checkpoint: str | None = None, device: str = "cpu") 
         return LogMelEmbedder()
 
     _check_device(device)
+    if key == "reference-clap":
+        from adm_export.reference.embedder import ReferenceClapEmbedder
+
+        if checkpoint and not Path(checkpoint).is_dir():
+            raise InvalidInputError(
+                f"{CHECKPOINT_FLAG} {checkpoint!r}: reference-clap takes a folder holding "
+                "reference_clap.safetensors (or no checkpoint: the shipped weights)"
+            )
+        return ReferenceClapEmbedder(checkpoint, device=device)
     if key == "clap":
         if not checkpoint or not Path(checkpoint).is_dir():
             raise InvalidInputError(

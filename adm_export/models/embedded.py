@@ -168,8 +168,20 @@ def build_tiny_audioldm(seed: int = 0):
     return pipe
 
 
+def build_reference_audioldm(seed: int = 0):
+    """Load ``reference-audioldm``: the small AudioLDM trained on the procedural corpus (issue 8).
+
+    Trained weights shipped in ``adm_export/data/reference/audioldm`` (``seed`` is unused; kept for
+    the builder signature). See ``adm_export/data/reference/README.md``.
+    """
+    from adm_export.reference.model import load_reference_pipeline
+
+    return load_reference_pipeline()
+
+
 EMBEDDED = {
     "tiny-audioldm": ("audioldm", build_tiny_audioldm),
+    "reference-audioldm": ("audioldm", build_reference_audioldm),
 }
 
 

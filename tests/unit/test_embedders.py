@@ -75,7 +75,7 @@ def test_import_does_not_import_torch():
 
 
 def test_registry_and_unknown_name():
-    assert set(E.EMBEDDERS) == {"logmel", "panns-cnn14", "vggish", "clap"}
+    assert set(E.EMBEDDERS) == {"logmel", "panns-cnn14", "vggish", "clap", "reference-clap"}
     with pytest.raises(InvalidInputError, match="logmel, panns-cnn14, vggish, clap") as info:
         E.get_embedder("openl3")
     assert "'openl3'" in str(info.value) and "\n" not in str(info.value)
