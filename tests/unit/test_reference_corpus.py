@@ -103,3 +103,55 @@ def test_layering_mixes_a_second_source():
     assert " while " in spec.caption()
     mixed, alone = synthesize(spec), synthesize(_spec())
     assert not np.allclose(mixed, alone)
+
+
+# -- the training data path (adm_export.reference.train / components) ------------------------------
+_CLASS_WORD = {"beep": "beep", "siren": "siren", "chirp": "chirp", "chord": "chord", "melody": "melody",
+               "noise": "noise", "clicks": "clicking", "drums": "drum", "engine": "engine", "rain": "rain"}
+
+
+def test_label_vectors_agree_with_captions():
+    from adm_export.reference.components import HEADS, label_vector
+    from adm_export.reference.corpus import CLASSES, LOUDNESS, PITCH
+
+    for clip in corpus(80, seed=2, seconds=0.1):
+        lab = label_vector(clip.spec)
+        assert len(lab) == len(HEADS) and all(0 <= v < n for v, n in zip(lab, HEADS.values()))
+        main = clip.caption.split(" while ")[0].lower()
+        assert _CLASS_WORD[CLASSES[lab[0]]] in main, clip.caption
+        if clip.spec.pitch is not None:
+            assert PITCH[lab[1] - 1] == clip.spec.pitch
+        assert LOUDNESS[lab[2]] == clip.spec.loudness
+        if clip.spec.layer is not None:
+            assert _CLASS_WORD[CLASSES[lab[6] - 1]] in clip.caption.split(" while ")[1].lower()
+        else:
+            assert lab[6] == 0
+
+
+def test_training_data_is_the_corpus(tmp_path):
+    """What the recipe renders (worker processes, float16) is corpus() item for item."""
+    import json
+
+    from adm_export.reference.train import make_data
+
+    info = make_data(tmp_path, n_train=6, n_eval=3, seconds=0.5, workers=2)
+    assert info["train"]["clips"] == 6 and info["eval"]["seed"] == 1
+    waves = np.load(tmp_path / "data" / "train_wave.npy")
+    meta = json.loads((tmp_path / "data" / "train_meta.json").read_text())
+    for i, clip in enumerate(corpus(6, seed=0, seconds=0.5)):
+        assert meta["captions"][i] == clip.caption
+        np.testing.assert_array_equal(waves[i], clip.audio.astype(np.float16))
+    held = list(corpus(3, seed=1, seconds=0.5))
+    assert json.loads((tmp_path / "data" / "eval_meta.json").read_text())["captions"] == [c.caption for c in held]
+
+
+def test_log_mel_layout():
+    torch = pytest.importorskip("torch")
+    from adm_export.reference.components import MEL_BINS, log_mel
+
+    clip = next(corpus(1, seed=0, seconds=1.28)).audio
+    mel = log_mel(torch.from_numpy(clip)[None])
+    assert mel.shape == (1, 128, MEL_BINS)  # 100 frames per second: hop 160 at 16 kHz
+    assert torch.isfinite(mel).all() and float(mel.min()) >= np.log(1e-5) - 1e-4
+    silent = log_mel(torch.zeros(1, 1600))
+    assert torch.allclose(silent, torch.full_like(silent, float(np.log(1e-5))))
