@@ -137,7 +137,14 @@ def init() -> bool:
     else:
         backend = "gloo"
     timeout = datetime.timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)))
-    dist.init_process_group(backend=backend, timeout=timeout)
+    try:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    except (ValueError, RuntimeError) as exc:  # a torch without per-device backends: NCCL alone
+        if backend == "gloo":
+            raise
+        logger.warning("process group %r failed (%s); using nccl", backend, exc)
+        backend = "nccl"
+        dist.init_process_group(backend=backend, timeout=timeout)
     _isolate_modelopt()
     if not is_main():
         from adm_export.progress import set_progress
@@ -361,13 +368,9 @@ def run_units(store: ShardStore, units: Sequence[str], compute: Callable[[int], 
 
     computed = reused = 0
     for i in progress(split(len(units)), desc=desc, unit=unit):
-        if store.has(units[i]):
-            try:
-                store.load(units[i])
-                reused += 1
-                continue
-            except Exception as exc:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
-                logger.warning("shard %s unreadable (%s); recomputing", store.path(units[i]), exc)
+        if store.has(units[i]):  # complete by construction (atomic rename); its key is the folder's
+            reused += 1
+            continue
         store.save(units[i], compute(i))
         computed += 1
         _after_shard_written()

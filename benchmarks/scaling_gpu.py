@@ -6,10 +6,11 @@ Runs the project's own sharded code paths (``adm_export.eval.harness.generate_wi
 at 1, 2 and 4 processes, one GPU each, launched by torchrun in the same call, and prints the
 throughput and the speed-up over 1 GPU:
 
-* **eval generation**: clips/s for N clips x S DDIM steps with classifier-free guidance, the
-  AudioLDM-S-sized U-Net (``audioldm_s_unet_config()``, random weights, FP32 as the eval's
-  baseline runs) inside the embedded pipeline's text encoder, VAE and vocoder; includes writing
-  the shards and rank 0 reading every clip and trajectory back (what the eval stage does).
+* **eval generation**: clips/s for N clips x S DDIM steps with classifier-free guidance on the
+  AudioLDM-S-sized pipeline of ``benchmarks/speed_common.py`` (U-Net ``audioldm_s_unet_config()``,
+  VAE, HiFi-GAN vocoder and CLAP-sized text encoder, random weights, FP32 as the eval's baseline
+  runs); includes writing the shards and rank 0 reading every clip and trajectory back (what
+  the eval stage does).
 * **sensitivity search**: layer-trials/s of ``measure`` on the same U-Net, INT8 candidates for
   every searched layer (one format: one ModelOpt quantize + calibration per rank, then one
   trial per layer on the measurement points), table gathered on every rank.
@@ -36,8 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (str(ROOT), str(ROOT / "benchmarks")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
@@ -46,7 +48,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help="Folder for scaling_gpu.json / .md.")
     p.add_argument("--gpus", default="1,2,4", help="Process counts to run (comma separated).")
-    p.add_argument("--clips", type=int, default=128, help="Eval clips (chunks of 8).")
+    p.add_argument("--clips", type=int, default=96, help="Eval clips (chunks of 8).")
     p.add_argument("--steps", type=int, default=25, help="Sampler steps per clip.")
     p.add_argument("--seconds", type=float, default=10.24, help="Clip length (latent 8 x 256 x 16 at 10.24 s).")
     p.add_argument("--layers", type=int, default=0, help="Searched layers (0: all).")
@@ -62,19 +64,16 @@ def parse(argv=None):
 
 
 def make_adapter(seed: int, smoke: bool):
-    """The embedded pipeline, its U-Net replaced by an AudioLDM-S-sized one (random weights)."""
-    import torch
-    from diffusers import UNet2DConditionModel
+    """The AudioLDM-S-sized pipeline of ``speed_common`` (U-Net, VAE, HiFi-GAN and CLAP text encoder
+    at published sizes, seeded random weights), or the embedded tiny one with ``smoke``.
 
-    from adm_export.models.audioldm import AudioLDMAdapter
-    from adm_export.models.embedded import audioldm_s_unet_config, build_tiny_audioldm
+    (The embedded pipeline's own text encoder projects to 32 dimensions, not the 512 the
+    AudioLDM-S U-Net's class embedding takes, so the full-size pipeline is used for generation.)
+    """
+    import speed_common as sc
 
-    pipe = build_tiny_audioldm(seed)
-    if not smoke:
-        torch.manual_seed(seed)
-        object.__setattr__(pipe, "unet", UNet2DConditionModel(**audioldm_s_unet_config()).eval())
-    pipe.set_progress_bar_config(disable=True)
-    return AudioLDMAdapter("audioldm-s-sized-random" if not smoke else "tiny-audioldm", pipe)
+    return sc.make_adapter(sc.build_pipeline("tiny" if smoke else "audioldm-s", seed),
+                           "tiny-audioldm" if smoke else sc.MODEL_ID)
 
 
 def make_points(adapter, n: int, frames: int, seed: int, device: str):
@@ -196,8 +195,10 @@ def main(argv=None) -> int:
         return 0
     if args.smoke:
         args.clips, args.steps, args.seconds, args.frames, args.layers, args.eval_points = 10, 2, 1.28, 32, 8, 1
-    env = dict(os.environ, **NCCL_ENV, ADM_EXPORT_NO_PROGRESS="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    # The same CPU threads per process at every process count (torchrun would set 1 for N > 1 only).
+    threads = os.environ.get("OMP_NUM_THREADS") or str(1 if args.smoke else 8)
+    env = dict(os.environ, **NCCL_ENV, ADM_EXPORT_NO_PROGRESS="1", OMP_NUM_THREADS=threads,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     started = time.perf_counter()
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "args": {k: str(v) for k, v in vars(args).items()}}
     try:
