@@ -52,9 +52,11 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=25, help="Sampler steps per clip.")
     p.add_argument("--seconds", type=float, default=10.24, help="Clip length (latent 8 x 256 x 16 at 10.24 s).")
     p.add_argument("--layers", type=int, default=0, help="Searched layers (0: all).")
-    p.add_argument("--eval-points", type=int, default=2, help="Sensitivity measurement points (batch 2 each).")
-    p.add_argument("--calib-points", type=int, default=4)
-    p.add_argument("--frames", type=int, default=256, help="Latent frames of the sensitivity points.")
+    p.add_argument("--eval-points", type=int, default=4,
+                   help="Sensitivity measurement points (batch 2 each; quantize's --sensitivity-points default).")
+    p.add_argument("--calib-points", type=int, default=4, help="Calibration points (full length, 10.24 s).")
+    p.add_argument("--frames", type=int, default=64,
+                   help="Latent frames of the measurement points (quantize's --sensitivity-frames default).")
     p.add_argument("--time-budget", type=float, default=420.0, help="Seconds; later runs are skipped past it.")
     p.add_argument("--smoke", action="store_true", help="CPU/gloo, tiny U-Net and sizes (script check).")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -135,8 +137,9 @@ def worker(args) -> None:
         out["eval"]["clips_digest"] = dist.tensor_digest([torch.from_numpy(w) for w in waves])
 
     # 2. Sensitivity search: INT8 trials of every searched layer.
-    pts = make_points(adapter, args.calib_points + args.eval_points, args.frames, args.seed, device)
-    calib, evalp = pts[:args.calib_points], pts[args.calib_points:]
+    full = adapter.denoiser_spec().frames_for_seconds(args.seconds)
+    calib = make_points(adapter, args.calib_points, full, args.seed, device)
+    evalp = make_points(adapter, args.eval_points, args.frames, args.seed + 1000, device)
     plans = pol.resolve(pol.preset("mixed"), adapter.denoiser)
     if args.layers:
         plans = plans[:args.layers]
@@ -202,8 +205,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     info = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "args": {k: str(v) for k, v in vars(args).items()}}
     try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=ROOT).stdout.strip() or None
+        info["commit"] = os.environ.get("ADM_EXPORT_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None
     except Exception:  # noqa: BLE001
         info["commit"] = None
     try:
@@ -271,7 +274,10 @@ def main(argv=None) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "scaling_gpu.json").write_text(json.dumps({**info, "card": card, "runs": runs}, indent=2) + "\n")
-        (args.out / "scaling_gpu.md").write_text(table + "\n")
+        head = (f"# Multi-GPU scaling (issue 10)\n\n{info['date']}, commit {info['commit']}, "
+                f"{len(info.get('nvidia_smi') or [])} x {card}; `python benchmarks/scaling_gpu.py "
+                f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n")
+        (args.out / "scaling_gpu.md").write_text(head + table + "\n")
     return 0 if all("eval" in r for r in runs) else 1
 
 
