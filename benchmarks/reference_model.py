@@ -91,7 +91,7 @@ def quality(n: int, steps: int, batch: int) -> dict:
     }
 
 
-def quant(precisions: list[str], num_clips: int, workdir: Path) -> dict:
+def quant(precisions: list[str], num_clips: int, workdir: Path, on_row=None) -> dict:
     from adm_export.reference import corpus
 
     caps = workdir / "captions.txt"
@@ -118,41 +118,50 @@ def quant(precisions: list[str], num_clips: int, workdir: Path) -> dict:
         rows[prec] = {
             "exit_code": proc.returncode, "seconds": round(secs, 1),
             "fd_baseline_vs_ref": ev.get("fd_baseline_vs_ref"), "fd_quantized_vs_baseline": ev.get("fd_quantized_vs_baseline"),
-            "fd_increase_pct": ev.get("fd_increase_pct"), "gate_passed": (ev.get("gate") or {}).get("passed"),
+            "fd_increase_pct": ev.get("fd_increase_pct"), "fd_increase_pct_ci": ev.get("fd_increase_pct_ci"),
+            "fd_quantized_vs_ref": ev.get("fd_quantized_vs_ref"),
+            "paired_drift_pct": ev.get("paired_drift_pct"), "final_latent_rel_l2": ev.get("final_latent_rel_l2"),
+            "gate_passed": (ev.get("gate") or {}).get("passed"),
             "kl": ev.get("kl"), "num_clips": ev.get("num_clips"), "embedder": ev.get("embedder"),
             "unet_fp32_bytes": size.get("unet_fp32_bytes"), "unet_export_bytes": size.get("unet_export_bytes"),
             "reduction_vs_fp32": size.get("reduction_vs_fp32"),
             "stages_seconds": {k: v.get("seconds") for k, v in (rep.get("stages") or {}).items() if isinstance(v, dict)},
         }
+        if on_row is not None:  # results of finished builds survive an interrupted run
+            on_row(rows)
     return rows
 
 
 def _md(res: dict) -> str:
-    q = res["quality"]
-    lines = ["# reference-audioldm: quality (CPU)", "",
-             f"Machine: {res['machine']}. {res['note']}", "",
-             f"Held-out captions (seed 1), {q['clips']} clips, {q['steps']} DDIM steps, guidance 2.5, 2.56 s.", "",
+    lines = ["# reference-audioldm: quality (CPU)", "", f"Machine: {res['machine']}. {res['note']}", ""]
+    q = res.get("quality")
+    if q:
+        lines += [f"Held-out captions (seed 1), {q['clips']} clips, {q['steps']} DDIM steps, guidance 2.5, 2.56 s.", "",
              "| measure | value |", "| --- | --- |",
              f"| class accuracy, generated (embedder `reference-clap`) | {q['class_acc_generated']:.3f} (chance {q['chance']:.2f}) |",
              f"| class accuracy, real clips of the same captions | {q['class_acc_real']:.3f} |",
              f"| FD generated vs real | {q['fd_generated_vs_real']:.2f} |",
              f"| FD real (seed 2) vs real (seed 1), same N: the floor | {q['fd_real_vs_real_other_seed']:.2f} |", "",
              "| class | n | acc generated | acc real |", "| --- | --- | --- | --- |"]
-    for cls, r in q["per_class"].items():
-        f = (lambda v: "-" if v is None else f"{v:.2f}")
-        lines.append(f"| {cls} | {r['n']} | {f(r['acc_generated'])} | {f(r['acc_real'])} |")
+        for cls, r in q["per_class"].items():
+            f = (lambda v: "-" if v is None else f"{v:.2f}")
+            lines.append(f"| {cls} | {r['n']} | {f(r['acc_generated'])} | {f(r['acc_real'])} |")
     if res.get("quant"):
         lines += ["", "Quantized builds (`adm-export build --model reference-audioldm --embedder reference-clap`, "
                   "in-domain captions):", "",
-                  "| precision | exit | FD baseline vs ref | FD quantized vs baseline | FD increase % | U-Net export / FP32 | build s |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "| precision | exit | FD baseline vs ref | FD quantized vs ref | FD increase % (95% CI) | paired drift % | KL q vs b | U-Net export / FP32 | build s |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p, r in res["quant"].items():
             def g(k, fmt="{:.2f}"):
                 v = r.get(k)
                 return "-" if v is None else fmt.format(v)
             ratio = (r["unet_export_bytes"] / r["unet_fp32_bytes"]) if r.get("unet_export_bytes") and r.get("unet_fp32_bytes") else None
-            lines.append(f"| {p} | {r['exit_code']} | {g('fd_baseline_vs_ref')} | {g('fd_quantized_vs_baseline')} | "
-                         f"{g('fd_increase_pct', '{:.1f}')} | {'-' if ratio is None else f'{ratio:.3f}'} | {r['seconds']:.0f} |")
+            ci = r.get("fd_increase_pct_ci")
+            ci_s = f" ({ci[0]:.1f} to {ci[1]:.1f})" if ci else ""
+            kl = (r.get("kl") or {}).get("quantized_vs_baseline")
+            lines.append(f"| {p} | {r['exit_code']} | {g('fd_baseline_vs_ref')} | {g('fd_quantized_vs_ref')} | "
+                         f"{g('fd_increase_pct', '{:.1f}')}{ci_s} | {g('paired_drift_pct', '{:.1f}')} | "
+                         f"{'-' if kl is None else f'{kl:.3f}'} | {'-' if ratio is None else f'{ratio:.3f}'} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -162,7 +171,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--quant", action="store_true", help="also build int8, w4a8 and mixed (0.2) and read their FD")
-    p.add_argument("--quant-clips", type=int, default=16)
+    p.add_argument("--quant-clips", type=int, default=8)
     p.add_argument("--precisions", default="int8,w4a8,mixed-0.2")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--json", type=Path, default=RESULTS / "reference_model.json")
@@ -176,14 +185,20 @@ def main() -> None:
                 "note": a.note})
     if not a.skip_quality:
         res["quality"] = quality(a.clips, a.steps, a.batch)
+    def save(quant_rows=None):
+        if quant_rows is not None:
+            res["quant"] = dict(quant_rows)
+            res["quant_clips"] = a.quant_clips
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=1))
+        md = _md(res)
+        a.json.with_suffix(".md").write_text(md)
+        return md
+
     if a.quant:
         with tempfile.TemporaryDirectory(prefix="ref-quant-") as tmp:
-            res["quant"] = quant(a.precisions.split(","), a.quant_clips, Path(tmp))
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1))
-    md = _md(res)
-    a.json.with_suffix(".md").write_text(md)
-    print(md)
+            quant(a.precisions.split(","), a.quant_clips, Path(tmp), on_row=save)
+    print(save())
 
 
 if __name__ == "__main__":
