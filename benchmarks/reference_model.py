@@ -179,9 +179,9 @@ def main() -> None:
     a = p.parse_args()
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     res = json.loads(a.json.read_text()) if a.json.exists() else {}
-    res.update({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+    res.update({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+                           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}",
                 "note": a.note})
     if not a.skip_quality:
         res["quality"] = quality(a.clips, a.steps, a.batch)
