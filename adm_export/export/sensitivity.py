@@ -331,19 +331,84 @@ def choose(plans, table: dict[str, dict[str, float]], candidates: dict[str, list
                              "items": len(items)}
 
 
+@contextlib.contextmanager
+def _plain_diffusers_attention():
+    """Leave diffusers' attention modules out of ModelOpt's module conversion while inside.
+
+    ModelOpt 0.47's diffusers plugin wraps every diffusers ``Attention`` and routes its
+    ``scaled_dot_product_attention`` through ``FP8SDPA``, an export-only autograd Function with no
+    backward, so ``mtq.auto_quantize``'s gradient scores fail on any U-Net with attention
+    (``NotImplementedError`` in ``loss.backward()``). Our presets never quantize the attention
+    matmuls (only conv/linear layers, which stay wrapped), so for the comparison the attention
+    modules are left plain; the registry is restored on exit. Uses the registry's private maps
+    because its public ``unregister`` does not return what it removed.
+    """
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+
+    removed = [(cls, QuantModuleRegistry._registry[cls], QuantModuleRegistry._key_registry[cls])
+               for cls in list(QuantModuleRegistry._registry)
+               if cls.__module__.startswith("diffusers.") and "Attention" in cls.__name__]
+    for cls, _, _ in removed:
+        QuantModuleRegistry.unregister(cls)
+    try:
+        yield
+    finally:
+        for cls, dm_class, key in removed:
+            if cls not in QuantModuleRegistry._registry:
+                QuantModuleRegistry.register({cls: key})(dm_class)
+
+
+def denoising_batches(adapter, points: list[dict], references: list, seed: int = 0) -> tuple[list[dict], str]:
+    """Training-style batches for a gradient-based search: ``{"inputs", "target"}`` per point.
+
+    A loss against the full-precision model's own output has zero gradient at that model, so
+    gradient scores (``mtq.auto_quantize``) would all be zero. Instead each cached point is
+    re-noised like a training sample: the full-precision prediction gives an estimate of the
+    clean latent ``x0 = (x_t - sqrt(1 - a) eps) / sqrt(a)`` (``a`` = the scheduler's cumulative
+    alpha at the point's timestep), fresh seeded noise gives ``x_t' = sqrt(a) x0 + sqrt(1 - a) n``,
+    and the target is the noise (epsilon prediction) or the velocity (v prediction).
+
+    Returns:
+        ``(batches, loss_name)``; without a scheduler with ``alphas_cumprod`` or ``sample``/
+        ``timestep`` inputs, the batches target the full-precision outputs and the name says so.
+    """
+    import torch
+
+    sched = getattr(adapter.pipeline, "scheduler", None)
+    alphas = getattr(sched, "alphas_cumprod", None)
+    kind = (getattr(sched, "config", None) or {}).get("prediction_type", "epsilon")
+    if alphas is None or kind not in ("epsilon", "v_prediction") or any(
+            k not in points[0] for k in ("sample", "timestep")):
+        return [{"inputs": p, "target": r} for p, r in zip(points, references)], "MSE to the full-precision output"
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for p, ref in zip(points, references):
+        x = p["sample"].float()
+        t = p["timestep"].reshape(-1).long().clamp(0, len(alphas) - 1)
+        a = alphas[t].float().reshape(-1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
+        sa, sb = a.sqrt(), (1 - a).sqrt()
+        pred = ref.float()
+        eps = pred if kind == "epsilon" else sa * pred + sb * x
+        x0 = (x - sb * eps) / sa
+        noise = torch.randn(x.shape, generator=g)
+        target = noise if kind == "epsilon" else sa * noise - sb * x0
+        batches.append({"inputs": dict(p, sample=(sa * x0 + sb * noise).to(p["sample"].dtype)), "target": target})
+    return batches, f"denoising loss ({kind} target) on re-noised cached points"
+
+
 def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict], references: list,
                              effective_bits: float) -> dict:
     """ModelOpt's own ``mtq.auto_quantize`` on the denoiser, side by side with our search.
 
-    Its gradient-based per-layer scores use the loss ``MSE(output, full-precision output)`` on
+    Its gradient-based per-layer scores use the denoising loss of :func:`denoising_batches` on
     the calibration points; its formats are ModelOpt's INT8, FP8 and INT4-blockwise (weight-only)
     presets under an ``effective_bits`` constraint (``size_budget x 32`` bits per weight). Note
     that its INT4 preset blocks along a weight's last axis, which for a 3x3 convolution is the
     3-wide kernel axis; it only scores weights, not our exported byte count.
 
     Returns:
-        ``{"ran": True, "effective_bits", "recipes" (format -> layer count), "measured_rel_l2"}``,
-        or ``{"ran": False, "reason"}``.
+        ``{"ran": True, "effective_bits", "loss", "recipes" (format -> layer count),
+        "measured_rel_l2"}``, or ``{"ran": False, "reason"}``.
     """
     import collections
     import copy
@@ -354,18 +419,19 @@ def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict
 
     mtq, _ = _mtq()
     model = copy.deepcopy(adapter.denoiser).eval()
-    with torch.no_grad():
-        refs = [run_denoiser(adapter, adapter.denoiser, p) for p in points]
-    batches = [{"inputs": p, "ref": r} for p, r in zip(points, refs)]
+    # run_denoiser returns inference-mode tensors; autograd (the loss) needs normal ones: clone.
+    refs = [run_denoiser(adapter, adapter.denoiser, p).clone() for p in points]
+    batches, loss_name = denoising_batches(adapter, points, refs)
 
     def forward_step(m, batch):
         return adapter.export_module(m)(*batch["inputs"].values())
 
     def loss_func(output, batch):
-        return torch.nn.functional.mse_loss(output.float(), batch["ref"].float())
+        return torch.nn.functional.mse_loss(output.float(), batch["target"].float())
 
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                _plain_diffusers_attention():
             model, state = mtq.auto_quantize(
                 model, constraints={"effective_bits": effective_bits},
                 quantization_formats=["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG"],
@@ -377,6 +443,6 @@ def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict
     recipes = collections.Counter(str(v).split("(")[0] for v in (best.get("recipe") or {}).values())
     with torch.no_grad():
         errs = [rel_l2(run_denoiser(adapter, model, p), r) for p, r in zip(eval_points, references)]
-    return {"ran": True, "effective_bits": effective_bits,
+    return {"ran": True, "effective_bits": effective_bits, "loss": loss_name,
             "achieved_effective_bits": (best.get("constraints") or {}).get("effective_bits"),
             "recipes": dict(recipes), "measured_rel_l2": math.sqrt(sum(e * e for e in errs) / len(errs))}

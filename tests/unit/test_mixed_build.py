@@ -53,5 +53,9 @@ def test_mixed_report_has_ranking_and_trajectory_check(mixed_build):
     # Items are blocks (several layers each), ranked by their worst error.
     worst = [max(v for k, v in r["sensitivity"].items() if k != "fp16") for r in ranking if len(r["sensitivity"]) > 1]
     assert worst == sorted(worst, reverse=True) and any(r["layers"] > 1 for r in ranking)
+    # ModelOpt's own search ran side by side on the same points.
+    aq = search["modelopt_auto_quantize"]
+    assert aq["ran"] is True, aq
+    assert aq["measured_rel_l2"] > 0 and sum(aq["recipes"].values()) > 0
     md = (out / "report.md").read_text()
     assert "## Mixed-precision search" in md and "trajectory check" in md
