@@ -155,7 +155,7 @@ def worker(args) -> None:
         quantize_s.append(time.perf_counter() - t)
         return model
 
-    few = plans[:world * getattr(sensitivity, "ITEMS_PER_SHARD", 4)]
+    few = plans[:world * sensitivity.ITEMS_PER_SHARD]
     sensitivity.measure(adapter, calib, evalp, few, {p.name: cands[p.name] for p in few}, quantize_fn, refs, True)
     sync()
     t0 = time.perf_counter()

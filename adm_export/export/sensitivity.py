@@ -197,28 +197,80 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
 
     from adm_export.export.quantize import rel_l2, run_denoiser
 
+    from adm_export import distributed as dist
+
     groups = groups or group_plans(plans)
     modules = dict((n, m) for n, m in adapter.denoiser.named_modules())
     formats = sorted({f for fs in candidates.values() for f in fs if f != "fp16"})
     table: dict[str, dict[str, float]] = {item: {"fp16": 0.0} for item in groups}
+    items = list(groups.items())
+    data_key = _data_key(adapter, eval_points, references, items)
     for fmt in formats:
         trial = _trial(plans, fmt, candidates, modules, int4_convs)
         model = quantize_fn(trial, calib_points)
         switch = _Switch(model, trial)
         measured = []
-        for item, names in progress(list(groups.items()), desc=f"sensitivity {fmt}", unit="item"):
-            # Layers that fell back (no INT4 block fits) or cannot take fmt stay unquantized.
-            members = [n for n in names if switch.format[n] == fmt]
-            if not members:
-                continue
-            with switch.on(members), torch.no_grad():
-                errs = [rel_l2(run_denoiser(adapter, model, x), ref) ** 2 for x, ref in zip(eval_points, references)]
-            table[item][fmt] = sum(errs) / len(errs)
-            measured.append(item)
+
+        def trials(c: int, model=model, switch=switch, fmt=fmt) -> dict[str, float]:
+            errors = {}
+            for item, names in items[c * ITEMS_PER_SHARD:(c + 1) * ITEMS_PER_SHARD]:
+                # Layers that fell back (no INT4 block fits) or cannot take fmt stay unquantized.
+                members = [n for n in names if switch.format[n] == fmt]
+                if not members:
+                    continue
+                with switch.on(members), torch.no_grad():
+                    errs = [rel_l2(run_denoiser(adapter, model, x), ref) ** 2
+                            for x, ref in zip(eval_points, references)]
+                errors[item] = sum(errs) / len(errs)
+            return errors
+
+        # Under torchrun the items are split over the ranks in resumable shards of ITEMS_PER_SHARD
+        # (adm_export.distributed); every rank reads the whole column back, so the table (and the
+        # budget solver's choice) is identical on every rank. One process: the same path.
+        store = dist.ShardStore.open(f"sensitivity-{fmt}", {**data_key, "format": fmt,
+                                                             "quantized": _quantized_key(model)})
+        units = [f"items-{c:05d}" for c in range(math.ceil(len(items) / ITEMS_PER_SHARD))]
+        dist.run_units(store, units, trials, f"sensitivity {fmt}", "shard")
+        for errors in dist.load_all(store, units):
+            for item, err in errors.items():
+                table[item][fmt] = err
+                measured.append(item)
+        store.close()
         if trajectory is not None:
             trajectory.run(fmt, measured, model, switch, groups, {i: table[i][fmt] for i in measured})
         del model, switch
     return table
+
+
+#: Search items per resumable shard of :func:`measure` under torchrun (small: a killed rank loses
+#: little, and the ranks' shares stay balanced).
+ITEMS_PER_SHARD = 4
+
+
+def _data_key(adapter, eval_points: list[dict], references: list, items: list) -> dict:
+    """What every trial depends on besides the trial model: weights, measurement data, items."""
+    from adm_export import distributed as dist
+
+    identity = getattr(adapter, "identity", None)
+    weights = identity() if callable(identity) else dist.tensor_digest(adapter.denoiser.state_dict())
+    return {"model": weights, "eval_points": dist.tensor_digest({str(i): p for i, p in enumerate(eval_points)}),
+            "references": dist.tensor_digest(list(references)), "items": items}
+
+
+def _quantized_key(model) -> str:
+    """Hash of every quantizer's state (name, enabled, amax) of a trial model: covers the fixed
+    layers' formats and the calibration, which the trial's plans alone do not."""
+    import torch
+
+    from adm_export import distributed as dist
+
+    state = {}
+    for name, module in model.named_modules():
+        if type(module).__name__.endswith("Quantizer"):
+            amax = getattr(module, "amax", None)
+            state[f"{name}:{bool(getattr(module, 'is_enabled', False))}"] = (
+                amax.detach().float() if isinstance(amax, torch.Tensor) else torch.tensor([float("nan")]))
+    return dist.tensor_digest(state)
 
 
 class _Switch:

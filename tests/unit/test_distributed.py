@@ -46,8 +46,10 @@ def _net_adapter():
 
     class Adapter:
         denoiser = Net().eval()
+        calls = 0  # network runs (references, calibration, trials): shows the trials were split
 
         def export_module(self, m=None):
+            Adapter.calls += 1
             return m if m is not None else self.denoiser
 
     return Adapter()
@@ -66,8 +68,14 @@ def _sensitivity():
     plans = pol.resolve(pol.preset("mixed"), adapter.denoiser)
     cands = {p.name: [f for f in p.candidates if f in ("fp16", "int8", "w4a8")] for p in plans}
     refs = [run_denoiser(adapter, adapter.denoiser, p) for p in points]
-    return sensitivity.measure(adapter, points, points, plans, cands,
-                               lambda trial, pts: quantize_with_plans(adapter, pts, trial), refs, True)
+    per_shard = sensitivity.ITEMS_PER_SHARD
+    sensitivity.ITEMS_PER_SHARD = 1  # 4 layers: 4 shards, 2 per rank
+    try:
+        table = sensitivity.measure(adapter, points, points, plans, cands,
+                                    lambda trial, pts: quantize_with_plans(adapter, pts, trial), refs, True)
+    finally:
+        sensitivity.ITEMS_PER_SHARD = per_shard
+    return table, adapter.calls
 
 
 def _eval_clips(adapter):
@@ -106,7 +114,8 @@ def _worker(rank: int, world: int, port: int, root: str, full: bool, fail: str) 
     manifest = calibrate(CalibrationConfig(**TINY_CAL), os.path.join(root, "cal"), adapter=adapter)
     out = {"manifest": manifest}
     if full:
-        out["table"] = _sensitivity()
+        out["table"], calls = _sensitivity()
+        out["network_runs_per_rank"] = dist.all_gather(calls)
         out["eval"] = _eval_clips(adapter)
     if dist.is_main():
         with open(os.path.join(root, "result.pkl"), "wb") as f:
@@ -138,7 +147,8 @@ def single(tmp_path_factory):
     try:
         adapter = load_model("tiny-audioldm")
         manifest = calibrate(CalibrationConfig(**TINY_CAL), root / "cal", adapter=adapter)
-        result = {"manifest": manifest, "table": _sensitivity(), "eval": _eval_clips(adapter)}
+        table, calls = _sensitivity()
+        result = {"manifest": manifest, "table": table, "network_runs": calls, "eval": _eval_clips(adapter)}
     finally:
         torch.set_num_threads(threads)
     from adm_export.eval.harness import write_clips
@@ -205,6 +215,8 @@ def test_two_process_calibration_cache_equals_single_process(single, two_procs):
 def test_two_process_sensitivity_table_equals_single_process(single, two_procs):
     t1, t2 = single[1]["table"], two_procs["result"]["table"]
     assert t1 == t2
+    # Each rank ran only its share of the trials (plus its own references and calibration).
+    assert max(two_procs["result"]["network_runs_per_rank"]) < single[1]["network_runs"]
     assert all(t1[n]["int8"] > 0 for n in t1) and sum("w4a8" in t1[n] for n in t1) >= 2
 
 
