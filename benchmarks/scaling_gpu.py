@@ -259,9 +259,11 @@ def main(argv=None) -> int:
         su_t = to / base["sensitivity"]["trials_only_per_s"] if base else None
         r["speedup"] = {"eval": su_g and round(su_g, 3), "sensitivity": su_s and round(su_s, 3),
                         "sensitivity_trials_only": su_t and round(su_t, 3)}
-        same = base is not None and r["eval"].get("clips_digest") == base["eval"].get("clips_digest")
-        rows.append(f"| {r['world_size']} | {ge:.3f} | {su_g:.2f}x | {'yes' if same else 'no'} | {se:.2f} | "
-                    f"{su_s:.2f}x | {r['sensitivity']['quantize_s']:.1f} | {to:.2f} ({su_t:.2f}x) | {r['wall_s']:.0f} |")
+        same = "—" if base is None else "yes" if r["eval"].get("clips_digest") == base["eval"].get("clips_digest") \
+            else "no"
+        x = lambda v: "—" if v is None else f"{v:.2f}x"  # noqa: E731  (no 1-GPU run in this call)
+        rows.append(f"| {r['world_size']} | {ge:.3f} | {x(su_g)} | {same} | {se:.2f} | "
+                    f"{x(su_s)} | {r['sensitivity']['quantize_s']:.1f} | {to:.2f} ({x(su_t)}) | {r['wall_s']:.0f} |")
     card = next((r.get("gpu") for r in runs if r.get("gpu")), "cpu (gloo)")
     table = "\n".join([
         f"card: {card}; eval: {args.clips} clips x {args.steps} steps, {args.seconds} s; sensitivity: INT8 trials, "
