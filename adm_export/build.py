@@ -51,7 +51,8 @@ def build(cfg: BuildConfig) -> dict:
     # 0. Refuse what would fail later (an unavailable preset or engine, a non-empty output
     #    folder) before any work, so a bad call costs seconds and leaves nothing behind.
     validate(cfg)
-    if dist.is_main():
+    if dist.is_main() or not cfg.force:
+        # Every rank refuses a non-empty folder (one clean error, not a hang); rank 0 clears it.
         prepare_out_dir(out, cfg.force)
     dist.barrier()
     # Under torchrun every rank runs the sharded loops (calibration, sensitivity search, eval);

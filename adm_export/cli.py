@@ -364,6 +364,10 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
     from adm_export import distributed
 
     # Every rank runs the stage (the sensitivity search is split over ranks); rank 0 writes `out`.
+    if not force:
+        from adm_export.artifacts import prepare_out_dir
+
+        prepare_out_dir(out, False)  # a non-empty folder is refused before the work, on every rank
     with distributed.shard_area(out), distributed.main_output(out) as rank_out:
         manifest = run(cfg, calibration, rank_out, force=force, model_id=model)
     err = manifest["quant_error_rel_l2"]

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from adm_export.artifacts import atomic_dir, write_manifest
+from adm_export.artifacts import atomic_dir, prepare_out_dir, write_manifest
 from adm_export.calibration.cache import STAGE, save_points
 from adm_export.calibration.prompts import build_prompt_set
 from adm_export.calibration.selection import select_activation, summarize
@@ -236,6 +236,8 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
     """
     from adm_export import distributed as dist
 
+    if not force:
+        prepare_out_dir(out, False)  # refuse a non-empty folder before the work (on every rank)
     with dist.shard_area(out):
         # Every rank runs _calibrate (its share of the sampler runs); rank 0 writes the cache.
         return dist.broadcast(_calibrate(cfg, out, force, adapter))

@@ -753,6 +753,10 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     """
     from adm_export import distributed as dist
 
+    if out is not None and not force:
+        from adm_export.artifacts import prepare_out_dir
+
+        prepare_out_dir(out, False)  # refuse a non-empty folder before the work (on every rank)
     # Under torchrun every rank generates its share of the clips; rank 0 scores and writes, and
     # every rank returns rank 0's result.
     with dist.shard_area(out):

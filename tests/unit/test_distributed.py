@@ -306,3 +306,20 @@ def test_cli_build_with_two_processes_equals_single_process(single, cli_build):
         name = f"{i:04d}.wav"
         assert (out / "eval" / "baseline" / name).read_bytes() == (single[0] / "baseline" / name).read_bytes(), name
     assert not (out.parent / ".build.shards").exists()
+
+
+def test_nproc_user_error_is_one_line_and_exit_1(tmp_path):
+    """Under --nproc every rank refuses a non-empty --out before any work: one line, exit 1, no hang."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "cal"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = subprocess.run([sys.executable, "-m", "adm_export", "calibrate", "--out", str(out), "--nproc", "2"],
+                       env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    errors = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "--force" in errors[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
