@@ -120,7 +120,11 @@ def _load_pretrained(model_id: str, revision: str | None):
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
     try:
-        pipeline = DiffusionPipeline.from_pretrained(model_id, revision=revision)
+        import torch
+
+        # Every stage starts from float32 (calibration statistics, fake quant, the FP32 size);
+        # without a dtype, transformers keeps an FP16 checkpoint's dtype for its components.
+        pipeline = DiffusionPipeline.from_pretrained(model_id, revision=revision, dtype=torch.float32)
     except Exception as exc:  # hub errors come as OSError, HTTP errors or ValueError
         hint = "" if path.exists() else (
             " (not an embedded name, not a local folder, and the hub could not be reached or has no such repo)"

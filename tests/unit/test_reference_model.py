@@ -94,3 +94,17 @@ def test_embedder_checkpoint_errors_are_one_line(tmp_path):
     f.write_bytes(b"")
     with pytest.raises(InvalidInputError, match="--embedder-checkpoint"):
         get_embedder("reference-clap", checkpoint=str(f))
+
+
+def test_folder_path_loads_the_same_model_in_float32(adapter):
+    """`--model <folder>` (the generic from_pretrained path) gives the registered model, in float32."""
+    import torch
+
+    from adm_export.models import load_model
+    from adm_export.reference.model import REFERENCE_DIR
+
+    by_path = load_model(str(REFERENCE_DIR / "audioldm"))
+    assert by_path.family == "audioldm"
+    for name in ("unet", "vae", "text_encoder", "vocoder"):
+        assert {p.dtype for p in getattr(by_path.pipeline, name).parameters()} == {torch.float32}, name
+    assert by_path.fingerprint() == adapter.fingerprint()
