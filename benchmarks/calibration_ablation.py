@@ -48,11 +48,12 @@ if str(ROOT) not in sys.path:
 
 # -- model ----------------------------------------------------------------------------------------
 def load_adapter(model: str, device: str):
-    """``tiny`` (embedded tiny-audioldm) or ``audioldm-s`` (AudioLDM-S-sized U-Net, random weights)."""
+    """``tiny`` (embedded tiny-audioldm), ``reference`` (the trained reference-audioldm) or
+    ``audioldm-s`` (AudioLDM-S-sized U-Net, random weights)."""
     from adm_export.models import load_model
 
-    if model == "tiny":
-        return load_model("tiny-audioldm", device)
+    if model in ("tiny", "reference"):
+        return load_model({"tiny": "tiny-audioldm", "reference": "reference-audioldm"}[model], device)
     import torch
     from diffusers import UNet2DConditionModel
     from transformers import ClapTextConfig, ClapTextModelWithProjection
@@ -136,7 +137,11 @@ def snr_db(z, ref) -> list[float]:
 # -- the ablation ---------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["tiny", "audioldm-s"], default="tiny")
+    ap.add_argument("--model", choices=["tiny", "reference", "audioldm-s"], default="tiny")
+    ap.add_argument("--captions", default=None,
+                    help="seed captions file (default: the built-in captions; the reference model's in-domain "
+                         "captions: adm_export/data/reference/captions.txt)")
+    ap.add_argument("--embedder", default="logmel", help="FD embedder (reference-clap for the reference model)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
@@ -175,7 +180,7 @@ def main(argv=None) -> dict:
 
     from adm_export.calibration.cache import CalibrationCache
     from adm_export.calibration.latents import run_trajectories, select_indices
-    from adm_export.calibration.prompts import build_prompt_set, builtin_captions
+    from adm_export.calibration.prompts import build_prompt_set, builtin_captions, load_captions
     from adm_export.calibration.selection import errors_for_amax, layer_errors, select_activation
     from adm_export.calibration.stats import StatsRecorder, memory_bytes
     from adm_export.config import CalibrationConfig, QuantizeConfig, SelectMethod
@@ -195,7 +200,8 @@ def main(argv=None) -> dict:
     pools = {}
     for name in args.prompt_sets:
         t0 = time.time()
-        ps = build_prompt_set(None, args.num_prompts, args.seed, augment=(name == "augmented"), seeds_first=False)
+        ps = build_prompt_set(args.captions, args.num_prompts, args.seed, augment=(name == "augmented"),
+                              seeds_first=False)
         prompts = list(ps.prompts)
         rec = StatsRecorder(adapter.denoiser, len(prompts), args.steps)
         inputs: dict = {}
@@ -213,8 +219,9 @@ def main(argv=None) -> dict:
     # 2. Held-out prompts and seeds: captions in no calibration set, then augmented prompts of
     #    another seed; full-precision trajectories with their own statistics.
     used = {p for pool in pools.values() for p in pool["prompts"]}
-    spare_caps = [c for c in builtin_captions() if c not in used]
-    spare_aug = [c for c in build_prompt_set(None, 4 * args.heldout, args.seed + 1000, augment=True,
+    captions = load_captions(args.captions) if args.captions else builtin_captions()
+    spare_caps = [c for c in captions if c not in used]
+    spare_aug = [c for c in build_prompt_set(args.captions, 4 * args.heldout, args.seed + 1000, augment=True,
                                              seeds_first=False).prompts if c not in used and c not in spare_caps]
     n_cap = min(args.heldout // 2, len(spare_caps))
     heldout = spare_caps[:n_cap] + spare_aug[:args.heldout - n_cap]
@@ -235,7 +242,7 @@ def main(argv=None) -> dict:
     if not args.no_fd:
         from adm_export.eval.embedders import get_embedder
 
-        embedder = get_embedder("logmel")
+        embedder = get_embedder(args.embedder)
         fp_emb = embedder.fd_embeddings(ref_audio, adapter.sampling_rate)
 
     def evaluate(model) -> dict:
@@ -250,6 +257,7 @@ def main(argv=None) -> dict:
             from adm_export.eval.harness import paired_drift_pct
 
             q_emb = embedder.fd_embeddings(audios, adapter.sampling_rate)
+            # Key kept from the logmel-only version; the embedder is in the JSON's args.
             res["fd_logmel"] = float(frechet_distance(q_emb, fp_emb))
             res["drift_pct"] = float(paired_drift_pct([e[None] for e in fp_emb], [e[None] for e in q_emb]))
         return res
@@ -377,12 +385,14 @@ def markdown(rep: dict) -> str:
         f"layers. Pools: {c['num_prompts']} prompts x {c['steps']} DDIM steps, {c['seconds']} s, guidance "
         f"{c['guidance_scale']}. {memory_line(rep)}Held out: {len(rep['heldout_prompts'])} prompts (in neither "
         "pool) with seeds "
-        f"{rep['heldout_seeds'][0]}..{rep['heldout_seeds'][-1]}. Random weights: differences are small by nature "
-        "(see the context rows). "
+        f"{rep['heldout_seeds'][0]}..{rep['heldout_seeds'][-1]}. "
+        + ("Trained weights (reference-audioldm). " if "reference" in str(rep["model"]) else
+           "Random weights: differences are small by nature (see the context rows). ")
+        + f"FD embedder: {rep['config'].get('embedder', 'logmel')}. "
         + ("No timing claims (shared CPU)." if rep["device"] == "cpu" else "No timing claims."),
         "",
         "| prompt set | method | steps/prompts hit | est. input err (pool) | est. input err (held-out) | "
-        "range reached | held-out layers clipped | rel. L2 (mean over steps) | final-latent SNR dB | FD logmel | "
+        "range reached | held-out layers clipped | rel. L2 (mean over steps) | final-latent SNR dB | FD | "
         "drift % |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
