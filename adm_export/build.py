@@ -32,8 +32,10 @@ def validate(cfg: BuildConfig) -> None:
         import_nvinfer(cfg.engine.backend.value)
     if cfg.eval is not None:
         from adm_export.eval.embedders import get_embedder
+        from adm_export.models import model_defaults
 
-        get_embedder(cfg.eval.embedder, checkpoint=cfg.eval.embedder_checkpoint, device=cfg.eval.device)
+        get_embedder(cfg.eval.embedder or model_defaults(cfg.model)["embedder"], checkpoint=cfg.eval.embedder_checkpoint,
+                     device=cfg.eval.device)
 
 
 def build(cfg: BuildConfig) -> dict:

@@ -141,13 +141,15 @@ def nproc_option(f):
 # -- shared options --------------------------------------------------------------------------------
 def model_option(default=DEFAULT_MODEL):
     return click.option("--model", "-m", default=default, show_default=bool(default),
-                        help="Embedded name (tiny-audioldm), local diffusers folder, or hub id.")
+                        help="Embedded name (reference-audioldm: trained here; tiny-audioldm, tiny-audioldm2, "
+                             "tiny-tango, tiny-make-an-audio: random weights), local diffusers folder, or hub id.")
 
 
 def calibration_options(f):
     opts = [
         click.option("--captions", type=click.Path(dir_okay=False), default=None,
-                     help="Seed captions, one per line (default: built-in AudioCaps-style captions)."),
+                     help="Seed captions, one per line (default: the model's: reference-audioldm's in-domain "
+                          "captions, else built-in AudioCaps-style captions); build's eval prompts use them too."),
         click.option("--num-prompts", type=int, default=8, show_default=True, help="Prompts the sampler runs on."),
         click.option("--augment/--no-augment", default=True, show_default=True,
                      help="Coverage-driven prompt augmentation of the captions."),
@@ -212,8 +214,10 @@ def eval_options(f):
         click.option("--max-drift", type=float, default=25.0, show_default=True,
                      help="Quality gate: fail (exit 2) when the paired drift (engine clip vs its own baseline "
                           "clip, % of the set's spread) exceeds this percentage."),
-        click.option("--embedder", default="logmel", show_default=True,
-                     help="Embedding for FD: logmel (weight-free), panns-cnn14, vggish, clap."),
+        click.option("--embedder", default=None,
+                     help="Embedding for FD: logmel (weight-free), reference-clap (trained with the reference "
+                          "model), panns-cnn14, vggish, clap [default: reference-clap for reference-audioldm, "
+                          "else logmel]."),
         click.option("--embedder-checkpoint", type=click.Path(exists=True), default=None,
                      help="Weights of the embedder (PANNs/VGGish state dict file, CLAP folder)."),
         click.option("--reference", type=click.Path(file_okay=False), default=None,
@@ -241,13 +245,14 @@ def _calibration_config(model, captions, num_prompts, augment, steps, points, se
 
 def _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
                  device, seed=1234, guidance_scale=2.5, fd_inf=False, n_boot=200, clap_checkpoint=None,
-                 max_drift=25.0):
+                 max_drift=25.0, captions=None):
     from adm_export.config import EvalConfig
 
     return EvalConfig(num_clips=num_clips, steps=eval_steps, audio_seconds=eval_seconds,
                       max_fd_increase=max_fd_increase, embedder=embedder, embedder_checkpoint=embedder_checkpoint,
                       reference_dir=reference, device=device, seed=seed, guidance_scale=guidance_scale,
-                      fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint, max_drift=max_drift)
+                      fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint, max_drift=max_drift,
+                      captions_file=captions)
 
 
 def _summary(report: dict) -> None:
@@ -306,7 +311,7 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
         engine=EngineConfig(backend=engine, device=device),
         eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
                           reference, device, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
-                          max_drift=max_drift)
+                          max_drift=max_drift, captions=captions)
         if run_eval else None,
         force=force,
     )
@@ -453,17 +458,19 @@ def engine(onnx_dir, out, force, backend, device, threads):
 @click.option("--force", is_flag=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Captions the eval prompts cycle through (default: the model's, else the built-in ones).")
 @eval_options
 @handle_errors
 @nproc_option
-def eval_cmd(model, engine_dir, out, force, device, seed, num_clips, eval_steps, eval_seconds, max_fd_increase,
-             max_drift, embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
+def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, eval_steps, eval_seconds,
+             max_fd_increase, max_drift, embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Same prompts and seeds through the full-precision pipeline and the engine; FD and the quality gate."""
     from adm_export.eval.harness import evaluate
 
     cfg = _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
                        device, seed, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
-                       max_drift=max_drift)
+                       max_drift=max_drift, captions=captions)
     result = evaluate(cfg, engine_dir, out, force=force, model_id=model)
     gate = result["gate"]
     if result["fd_quantized_vs_baseline"] is not None:

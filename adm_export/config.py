@@ -14,7 +14,7 @@ from typing import Any
 
 from adm_export.errors import InvalidInputError
 
-DEFAULT_MODEL = "tiny-audioldm"
+DEFAULT_MODEL = "reference-audioldm"
 
 
 class Precision(str, enum.Enum):
@@ -84,7 +84,8 @@ class CalibrationConfig:
 
     Attributes:
         model: Hub id, local diffusers folder, or embedded name.
-        captions_file: One caption per line; ``None`` uses the built-in captions.
+        captions_file: One caption per line; ``None``: the model's own (the reference model's
+            in-domain captions) or else the built-in captions (``models.model_defaults``).
         num_prompts: Number of prompts the sampler is run on.
         steps: Sampler steps per prompt (DDIM).
         points: Number of calibration points (prompt, step) kept in the cache.
@@ -234,8 +235,11 @@ class EvalConfig:
         max_drift: Gate threshold in percent on the paired drift: mean squared embedding distance
             of each engine clip to its own baseline clip over twice the baseline set's total
             variance (see ``eval.harness.paired_drift_pct``); ``None`` disables this check.
-        embedder: Embedder name (``logmel`` is weight-free and always available).
+        embedder: Embedder name (``logmel`` is weight-free and always available); ``None``: the
+            model's (``reference-clap`` for the reference model, else ``logmel``).
         embedder_checkpoint: Weights file or folder of a pretrained embedder.
+        captions_file: Captions the eval prompts cycle through; ``None``: the model's own or else
+            the built-in captions.
         reference_dir: Optional folder of reference WAV files for ``fd_baseline_vs_ref``.
         seed: Seed of prompts and initial noise.
         device: ``cpu`` or ``cuda``.
@@ -249,7 +253,7 @@ class EvalConfig:
     audio_seconds: float = 2.56
     guidance_scale: float = 2.5
     max_fd_increase: float | None = 50.0
-    embedder: str = "logmel"
+    embedder: str | None = None
     embedder_checkpoint: str | None = None
     reference_dir: str | None = None
     seed: int = 1234
@@ -258,6 +262,7 @@ class EvalConfig:
     n_boot: int = 200
     clap_checkpoint: str | None = None
     max_drift: float | None = 25.0
+    captions_file: str | None = None
 
     def __post_init__(self):
         _positive("--bootstrap", self.n_boot)

@@ -191,7 +191,7 @@ def main(argv=None) -> dict:
     adapter = load_adapter(args.model, args.device)
     spec = adapter.denoiser_spec()
     rows = 2 if args.guidance_scale > 1.0 else 1
-    cfg = CalibrationConfig(num_prompts=args.num_prompts, steps=args.steps, points=args.points,
+    cfg = CalibrationConfig(model=adapter.model_id, num_prompts=args.num_prompts, steps=args.steps, points=args.points,
                             audio_seconds=args.seconds, guidance_scale=args.guidance_scale, seed=args.seed,
                             device=args.device)
     timings: dict[str, float] = {}

@@ -13,7 +13,7 @@ warnings.filterwarnings("ignore", message=".*not tested with current version of 
 
 # Small but complete: every stage runs, on 1.28 s of audio (32 latent frames), in well under a minute.
 TINY_ARGS = [
-    "--num-prompts", "4", "--steps", "4", "--points", "8", "--seconds", "1.28",
+    "--model", "tiny-audioldm", "--num-prompts", "4", "--steps", "4", "--points", "8", "--seconds", "1.28",
     "--num-clips", "4", "--eval-steps", "4", "--eval-seconds", "1.28",
 ]
 

@@ -248,14 +248,15 @@ def _calibrate(cfg: CalibrationConfig, out: str | Path, force: bool, adapter) ->
     import torch
 
     from adm_export import distributed as dist
-    from adm_export.models import load_model
+    from adm_export.models import load_model, model_defaults
 
     main = dist.is_main()
     # 1. Model and prompts (the prompt set is deterministic: every rank builds the same one).
     adapter = adapter or load_model(cfg.model, cfg.device)
     # Seeds and augmented prompts compete for the N slots (seeds_first=False): at small N that
     # covers far more (aspect, value) pairs than the seed captions alone (README, calibration).
-    prompt_set = build_prompt_set(cfg.captions_file, cfg.num_prompts, cfg.seed, augment=cfg.augment,
+    captions = cfg.captions_file or model_defaults(cfg.model)["captions"]
+    prompt_set = build_prompt_set(captions, cfg.num_prompts, cfg.seed, augment=cfg.augment,
                                   seeds_first=False)
     prompts = list(prompt_set.prompts)
     cfg_rows = 2 if cfg.guidance_scale > 1.0 else 1

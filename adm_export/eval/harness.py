@@ -61,11 +61,11 @@ SPECTROGRAM_ROWS = 3
 BASELINE_CACHE: dict | None = None
 
 
-def eval_prompts(num_clips: int) -> list[str]:
-    """The evaluation prompts: the built-in captions, cycled to ``num_clips``."""
-    from adm_export.calibration.prompts import builtin_captions
+def eval_prompts(num_clips: int, captions_file: str | None = None) -> list[str]:
+    """The evaluation prompts: the captions of ``captions_file`` (else the built-in ones), cycled."""
+    from adm_export.calibration.prompts import builtin_captions, load_captions
 
-    captions = builtin_captions()
+    captions = load_captions(captions_file) if captions_file else builtin_captions()
     return [captions[i % len(captions)] for i in range(num_clips)]
 
 
@@ -771,7 +771,7 @@ def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, f
     from adm_export.engines.onnxruntime import OrtOptions
     from adm_export.engines.stage import load_ort_denoiser
     from adm_export.eval.embedders import get_embedder
-    from adm_export.models import load_model
+    from adm_export.models import load_model, model_defaults
 
     start = time.perf_counter()
     # 1. Model, engine, embedder, prompts (and the reference folder, read before any generation).
@@ -780,8 +780,10 @@ def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, f
     # Each rank's engine runs on its own GPU (LOCAL_RANK; 0 in one process).
     denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device,
                                     options=OrtOptions.for_device(cfg.device, device_id=dist.local_rank()))
-    embedder = embedder or get_embedder(cfg.embedder, checkpoint=cfg.embedder_checkpoint, device=cfg.device)
-    prompts = eval_prompts(cfg.num_clips)
+    defaults = model_defaults(adapter.model_id)
+    embedder = embedder or get_embedder(cfg.embedder or defaults["embedder"], checkpoint=cfg.embedder_checkpoint,
+                                        device=cfg.device)
+    prompts = eval_prompts(cfg.num_clips, cfg.captions_file or defaults["captions"])
     seeds = [cfg.seed + i for i in range(cfg.num_clips)]
     sr = adapter.sampling_rate
     ref_wave = load_reference(cfg.reference_dir, sr) if cfg.reference_dir else None

@@ -43,6 +43,25 @@ def _adapter_class(family: str) -> type[ModelAdapter]:
     )
 
 
+def model_defaults(model_id: str | None) -> dict:
+    """Defaults of options the user did not give that depend on the model.
+
+    Returns:
+        ``{"captions": seed captions file or None (built-in captions), "embedder": FD embedder name}``:
+        the reference model's in-domain captions and ``reference-clap``; for every other model the
+        built-in AudioCaps-style captions and the weight-free ``logmel``.
+    """
+    from adm_export.models.embedded import MODEL_DEFAULTS
+
+    found = MODEL_DEFAULTS.get(str(model_id), {})
+    captions = None
+    if found.get("captions"):
+        from adm_export.reference.model import REFERENCE_DIR
+
+        captions = str(REFERENCE_DIR / found["captions"])
+    return {"captions": captions, "embedder": found.get("embedder", "logmel")}
+
+
 def embedded_names() -> list[str]:
     from adm_export.models.embedded import EMBEDDED
 
@@ -146,4 +165,4 @@ def _load_pretrained(model_id: str, revision: str | None):
     return family, pipeline
 
 
-__all__ = ["DenoiserSpec", "ModelAdapter", "TensorSpec", "embedded_names", "load_model"]
+__all__ = ["DenoiserSpec", "ModelAdapter", "TensorSpec", "embedded_names", "load_model", "model_defaults"]

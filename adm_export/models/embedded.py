@@ -184,6 +184,13 @@ EMBEDDED = {
     "reference-audioldm": ("audioldm", build_reference_audioldm),
 }
 
+# Options a user did not give that follow the model: the reference model knows only its corpus,
+# so its seed captions (calibration and eval prompts) and its FD embedder are in-domain ones.
+# ``captions`` is a file name inside ``adm_export/data/reference`` (None: the built-in captions).
+MODEL_DEFAULTS = {
+    "reference-audioldm": {"captions": "captions.txt", "embedder": "reference-clap"},
+}
+
 
 # ------------------------------------------------------------------------------------------------
 # Cross-attention families (AudioLDM2, TANGO, Make-An-Audio): components shared by their tiny builds

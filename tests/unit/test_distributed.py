@@ -16,12 +16,12 @@ import socket
 
 import pytest
 
-TINY_CAL = dict(num_prompts=4, steps=3, points=4, audio_seconds=1.28)
+TINY_CAL = dict(model="tiny-audioldm", num_prompts=4, steps=3, points=4, audio_seconds=1.28)
 EVAL_CLIPS = 10  # two chunks of harness.CHUNK (8 + 2): one per rank
 EVAL_STEPS = 2
 EVAL_SEED = 1234  # the eval stage's default seed: clip i gets EVAL_SEED + i
 # The same settings as `adm-export build` arguments.
-BUILD_ARGS = ["--num-prompts", "4", "--steps", "3", "--points", "4", "--seconds", "1.28",
+BUILD_ARGS = ["--model", "tiny-audioldm", "--num-prompts", "4", "--steps", "3", "--points", "4", "--seconds", "1.28",
               "--num-clips", str(EVAL_CLIPS), "--eval-steps", str(EVAL_STEPS), "--eval-seconds", "1.28",
               "--bootstrap", "20"]
 

@@ -22,7 +22,7 @@ from adm_export.eval import fd as fdlib
 from adm_export.eval import harness
 from adm_export.eval.embedders import Embedder
 
-TINY_BUILD = ["--num-prompts", "2", "--steps", "4", "--points", "4", "--seconds", "1.28",
+TINY_BUILD = ["--model", "tiny-audioldm", "--num-prompts", "2", "--steps", "4", "--points", "4", "--seconds", "1.28",
               "--num-clips", "4", "--eval-steps", "4", "--eval-seconds", "1.28"]
 TINY_EVAL = ["--num-clips", "4", "--eval-steps", "4", "--eval-seconds", "1.28"]
 # Thresholds with a wide margin on both sides: the good engine drifts by ~0.4 %, the broken one by ~40 %.

@@ -16,7 +16,7 @@ def mixed_build(tmp_path_factory):
     from adm_export.cli import cli
 
     out = tmp_path_factory.mktemp("mixed") / "build"
-    args = ["--quiet", "build", "--out", str(out), "--precision", "mixed", "--size-budget", "0.2",
+    args = ["--quiet", "build", "--model", "tiny-audioldm", "--out", str(out), "--precision", "mixed", "--size-budget", "0.2",
             "--sensitivity-granularity", "block", "--sensitivity-points", "2", "--trajectory-check", "1",
             "--num-prompts", "4", "--steps", "4", "--points", "8", "--seconds", "1.28",
             "--num-clips", "4", "--eval-steps", "4", "--eval-seconds", "1.28"]

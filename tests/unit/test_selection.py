@@ -14,7 +14,7 @@ from adm_export.calibration.selection import ErrorModel, errors_for_amax, layer_
 from adm_export.calibration.stats import ActivationStats, HistogramGrid, StatsRecorder, memory_bytes
 from adm_export.config import SelectMethod
 
-TINY = ["--num-prompts", "3", "--steps", "3", "--points", "3", "--seconds", "0.64", "--seed", "5"]
+TINY = ["--model", "tiny-audioldm", "--num-prompts", "3", "--steps", "3", "--points", "3", "--seconds", "0.64", "--seed", "5"]
 
 
 @contextlib.contextmanager
