@@ -195,9 +195,8 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
     """
     import torch
 
-    from adm_export.export.quantize import rel_l2, run_denoiser
-
     from adm_export import distributed as dist
+    from adm_export.export.quantize import rel_l2, run_denoiser
 
     groups = groups or group_plans(plans)
     modules = dict((n, m) for n, m in adapter.denoiser.named_modules())
