@@ -484,7 +484,7 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 
 
 @cli.command()
-@model_option()
+@model_option(default=None)
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Engines folder; without it the full-precision pipeline generates.")
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeatable).")

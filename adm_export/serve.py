@@ -34,7 +34,7 @@ class GenerateConfig:
     """Settings of ``generate``.
 
     Attributes:
-        model: Model id (must match the engine's model).
+        model: Model id (must match the engine's model); ``None``: the engine's model, else the default.
         engine_dir: Engines folder; ``None`` runs the full-precision pipeline.
         prompts: Prompts given on the command line.
         prompts_file: File with one prompt per line.
@@ -53,7 +53,7 @@ class GenerateConfig:
         prefer_nhwc: On CUDA, let ONNX Runtime use NHWC convolution kernels.
     """
 
-    model: str = DEFAULT_MODEL
+    model: str | None = None
     engine_dir: str | None = None
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
@@ -187,8 +187,13 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
         raise OutputExistsError(
             f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
         )
-    # 2. The pipeline, its denoiser served by the engine.
-    adapter = adapter or load_model(cfg.model, cfg.device)
+    # 2. The pipeline (--model, else the engine's model, else the default), its denoiser served by the engine.
+    model_id = cfg.model
+    if model_id is None and cfg.engine_dir:
+        from adm_export.artifacts import read_manifest
+
+        model_id = read_manifest(cfg.engine_dir, "engine", "--engine")["model"]["id"]
+    adapter = adapter or load_model(model_id or DEFAULT_MODEL, cfg.device)
     ctx = contextlib.nullcontext()
     engine_info = None
     if cfg.engine_dir:
@@ -198,14 +203,21 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
                        "ort_options": to_dict(options)}
     # 3. Sample, batch by batch.
     seeds = [cfg.seed + i for i in range(len(prompts))]
+    # Sample a length the engine can run (a latent multiple of the U-Net's downsampling), then
+    # cut every clip back to --seconds.
+    seconds = adapter.engine_seconds(cfg.audio_seconds)
+    if seconds != cfg.audio_seconds:
+        logger.info("generate: sampling %.3f s (a latent length the U-Net can run), clips cut to %.3f s",
+                    seconds, cfg.audio_seconds)
+    keep = int(cfg.audio_seconds * adapter.sampling_rate)
     waves, batch_seconds = [], []
     batches = [range(i, min(i + cfg.batch_size, len(prompts))) for i in range(0, len(prompts), cfg.batch_size)]
     start = time.perf_counter()
     with ctx:
         for b in progress(batches, desc="generate", unit="batch"):
             t0 = time.perf_counter()
-            waves += adapter.generate([prompts[i] for i in b], [seeds[i] for i in b], cfg.steps, cfg.audio_seconds,
-                                      cfg.guidance_scale)
+            waves += [w[:keep] for w in adapter.generate([prompts[i] for i in b], [seeds[i] for i in b], cfg.steps,
+                                                         seconds, cfg.guidance_scale)]
             batch_seconds.append(round(time.perf_counter() - t0, 4))
     wall = time.perf_counter() - start
     sr = adapter.sampling_rate

@@ -122,9 +122,12 @@ def generate_with_trajectory(adapter, prompts: Sequence[str], seeds: Sequence[in
             steps.append(inputs["sample"][:n].detach().to("cpu", torch.float32).clone())
             stamps.append(float(torch.as_tensor(inputs["timestep"]).reshape(-1)[0]))
 
+        # Baseline and engine sample a length the exported U-Net can run, cut back to --eval-seconds.
+        keep = int(cfg.audio_seconds * adapter.sampling_rate)
         with adapter.record_denoiser_calls(record):
             waves = adapter.generate([prompts[i] for i in chunk], [seeds[i] for i in chunk], cfg.steps,
-                                     cfg.audio_seconds, cfg.guidance_scale)
+                                     adapter.engine_seconds(cfg.audio_seconds), cfg.guidance_scale)
+        waves = [w[:keep] for w in waves]
         unit = {"waves": [torch.from_numpy(np.ascontiguousarray(w)) for w in waves],
                 "trajectory": torch.stack(steps, dim=1), "timesteps": stamps}
         if embedding is not None:

@@ -141,6 +141,16 @@ class ModelAdapter(abc.ABC):
                  guidance_scale: float) -> list:
         """Run the sampler: one waveform (numpy float32) per prompt, each from its own seed."""
 
+    def engine_seconds(self, seconds: float) -> float:
+        """The audio length to sample so the latent fits an exported denoiser (>= ``seconds``).
+
+        An exported U-Net (ONNX Runtime, TensorRT) upsamples by fixed factors of 2, so a latent
+        length that is not a multiple of the spec's ``frame_multiple`` breaks the skip
+        concatenations (torch's U-Net adjusts its upsampling sizes; a traced graph cannot).
+        Callers sample this length and cut the waveform back to ``seconds``. Default: unchanged.
+        """
+        return seconds
+
     # -- identity -------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """Hash of the denoiser's config and weights: artifacts are bound to it."""
@@ -220,6 +230,16 @@ class DiffusersUNetAdapter(ModelAdapter):
         for r in self.pipeline.vocoder.config.upsample_rates:
             hop *= r
         return hop
+
+    def engine_seconds(self, seconds: float) -> float:
+        frames = self.pipeline_latent_frames(seconds)
+        m = self.denoiser_spec().frame_multiple
+        if frames % m == 0:
+            return seconds
+        target = -(-frames // m) * m
+        # Half a sample more than the exact length, so the pipeline's int() cannot round down.
+        samples = target * self.pipeline.vae_scale_factor * self.vocoder_hop() + 0.5
+        return samples / self.sampling_rate
 
     def pipeline_latent_frames(self, seconds: float) -> int:
         """Latent frames for ``seconds`` exactly as the AudioLDM(2) pipelines compute them: mel frames

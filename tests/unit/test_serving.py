@@ -230,3 +230,19 @@ def test_ort_options_validation_and_providers():
     else:
         with pytest.raises(InvalidInputError, match="onnxruntime-gpu"):
             providers_for("cuda")
+
+
+def test_any_length_runs_through_the_engine(engine_dir, tiny_adapter, tmp_path):
+    """--seconds 0.7 gives 18 latent frames, not a multiple of the U-Net's 4: the engine could not run
+    it (skip concatenation 9 vs 10); generate samples 0.72 s and cuts each clip to 0.7 s."""
+    spec = tiny_adapter.denoiser_spec()
+    for s in (0.7, 1.0, 2.56, 5.0, 10.0):
+        longer = tiny_adapter.engine_seconds(s)
+        assert longer >= s and tiny_adapter.pipeline_latent_frames(longer) % spec.frame_multiple == 0
+        assert longer - s < spec.frame_multiple * 4 * 160 / 16000  # at most one frame multiple more
+    assert tiny_adapter.engine_seconds(2.56) == 2.56  # already fits: unchanged
+    out = tmp_path / "clips"
+    result = run("generate", "--engine", engine_dir, "--seconds", 0.7, "--steps", STEPS, "--threads", 1,
+                 "-p", "a loud siren", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sf.info(str(out / "0000.wav")).frames == int(0.7 * 16000)
