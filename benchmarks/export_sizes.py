@@ -26,6 +26,8 @@ import time
 import warnings
 from pathlib import Path
 
+from speed_common import make_points  # benchmarks/ is on sys.path when run as a script
+
 
 class ListCache:
     """The slice of ``CalibrationCache`` the quantize helpers use, over in-memory points."""
@@ -56,21 +58,6 @@ def make_adapter(seed: int):
     unet = UNet2DConditionModel(**audioldm_s_unet_config()).eval()
     object.__setattr__(pipe, "unet", unet)
     return AudioLDMAdapter("audioldm-s-sized-random", pipe)
-
-
-def make_points(adapter, n: int, frames: int, seed: int):
-    import torch
-
-    spec = adapter.denoiser_spec()
-    g = torch.Generator().manual_seed(seed)
-    pts = []
-    for i in range(n):
-        x = spec.dummy_inputs(batch=2, frames=frames, seed=seed + i)
-        x["timestep"] = torch.full((2,), float(int(torch.randint(0, 1000, (1,), generator=g))))
-        c = torch.randn(x["class_labels"].shape, generator=g)
-        x["class_labels"] = c / c.norm(dim=-1, keepdim=True)
-        pts.append(x)
-    return pts
 
 
 def synthetic_trajectory(adapter, frames: int, seed: int, steps: int = 4):

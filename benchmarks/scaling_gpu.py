@@ -41,6 +41,8 @@ for _p in (str(ROOT), str(ROOT / "benchmarks")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from speed_common import make_points  # noqa: E402  (after the path set-up above)
+
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -76,21 +78,6 @@ def make_adapter(seed: int, smoke: bool):
 
     return sc.make_adapter(sc.build_pipeline("tiny" if smoke else "audioldm-s", seed),
                            "tiny-audioldm" if smoke else sc.MODEL_ID)
-
-
-def make_points(adapter, n: int, frames: int, seed: int, device: str):
-    import torch
-
-    spec = adapter.denoiser_spec()
-    g = torch.Generator().manual_seed(seed)
-    pts = []
-    for i in range(n):
-        x = spec.dummy_inputs(batch=2, frames=frames, seed=seed + i)
-        x["timestep"] = torch.full((2,), float(int(torch.randint(0, 1000, (1,), generator=g))))
-        c = torch.randn(x["class_labels"].shape, generator=g)
-        x["class_labels"] = c / c.norm(dim=-1, keepdim=True)
-        pts.append({k: v.to(device) for k, v in x.items()})
-    return pts
 
 
 # -- one rank -----------------------------------------------------------------------------------------

@@ -98,6 +98,23 @@ def make_adapter(pipe, model_id: str):
     return AudioLDMAdapter(model_id, pipe)
 
 
+def make_points(adapter, n: int, frames: int, seed: int, device: str = "cpu") -> list[dict]:
+    """``n`` synthetic U-Net inputs (batch 2): random latents, one random timestep per point and
+    L2-normalised random class embeddings (what a CLAP projection gives), seeded."""
+    import torch
+
+    spec = adapter.denoiser_spec()
+    g = torch.Generator().manual_seed(seed)
+    pts = []
+    for i in range(n):
+        x = spec.dummy_inputs(batch=2, frames=frames, seed=seed + i)
+        x["timestep"] = torch.full((2,), float(int(torch.randint(0, 1000, (1,), generator=g))))
+        c = torch.randn(x["class_labels"].shape, generator=g)
+        x["class_labels"] = c / c.norm(dim=-1, keepdim=True)
+        pts.append({k: v.to(device) for k, v in x.items()})
+    return pts
+
+
 def param_counts(pipe) -> dict:
     return {name: sum(p.numel() for p in getattr(pipe, name).parameters())
             for name in ("unet", "vae", "text_encoder", "vocoder")}

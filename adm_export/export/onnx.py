@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import warnings
 from pathlib import Path
 
@@ -71,12 +70,16 @@ def onnx_file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
-def parity_points(cache, n: int) -> list[dict]:
-    """``n`` cached points spread evenly over the cache (so early and late steps are both checked)."""
+def parity_indices(size: int, n: int) -> list[int]:
+    """Indices of ``n`` points spread evenly over a cache of ``size`` (early and late steps both)."""
     import numpy as np
 
-    idx = sorted(set(np.linspace(0, len(cache) - 1, min(n, len(cache))).round().astype(int).tolist()))
-    return [cache.point(i) for i in idx]
+    return sorted(set(np.linspace(0, size - 1, min(n, size)).round().astype(int).tolist()))
+
+
+def parity_points(cache, n: int) -> list[dict]:
+    """``n`` cached points spread evenly over the cache (:func:`parity_indices`)."""
+    return [cache.point(i) for i in parity_indices(len(cache), n)]
 
 
 def parity_session(path):
@@ -279,8 +282,6 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     Returns:
         The ONNX artifact's manifest (sizes, Q/DQ report, parity).
     """
-    import onnx
-
     from adm_export.calibration.cache import load_cache
     from adm_export.engines.onnxruntime import OrtRunner, make_session
     from adm_export.models import load_model

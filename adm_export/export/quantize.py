@@ -364,10 +364,10 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
     logger.info("quantized %s: %d weight and %d input quantizers; error vs full precision: mean %.4f, max %.4f",
                 cfg.precision.value, counts["weight"], counts["input"], sum(errors) / len(errors), max(errors))
     if search is not None:
-        from adm_export.export.onnx import parity_points
+        from adm_export.export.onnx import parity_indices
 
-        pts = parity_points(cache, cfg.sensitivity_points)
-        measured = [rel_l2(run_denoiser(adapter, model, p), run_denoiser(adapter, adapter.denoiser, p)) for p in pts]
+        # The search's points (full length), whose errors step 5 has already measured.
+        measured = [errors[i] for i in parity_indices(len(cache), cfg.sensitivity_points)]
         search["solution"]["measured_rel_l2"] = math.sqrt(sum(e * e for e in measured) / len(measured))
         logger.info("mixed: predicted error %.4f, measured %.4f; weights %.1f%% of FP32 (budget %.0f%%)",
                     search["solution"]["predicted_rel_l2"], search["solution"]["measured_rel_l2"],
