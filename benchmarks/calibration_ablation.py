@@ -111,7 +111,7 @@ def batched_outputs(adapter, module, calls: list[dict], chunk: int = 5):
     """The denoiser's outputs on the recorded calls, ``chunk`` calls per batch (rows concatenated)."""
     import torch
 
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
 
     outs = []
     for i in range(0, len(calls), chunk):

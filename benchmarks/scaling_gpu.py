@@ -88,7 +88,8 @@ def worker(args) -> None:
     from adm_export.config import EvalConfig
     from adm_export.eval.harness import CHUNK, eval_prompts, generate_with_trajectory
     from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+    from adm_export.export.quantize import quantize_with_plans
+    from adm_export.numerics import run_denoiser
 
     dist.init()
     cuda = torch.cuda.is_available() and not args.smoke

@@ -131,7 +131,7 @@ def export_full_precision(cfg: FullPrecisionExportConfig, out: str | Path, adapt
 
     from adm_export.engines.onnxruntime import OrtEngine, OrtOptions
     from adm_export.export.onnx import onnx_file_bytes, save_onnx, torch_to_onnx
-    from adm_export.export.quantize import rel_l2
+    from adm_export.numerics import rel_l2
     from adm_export.models import load_model
 
     if cfg.device == "cuda" and not torch.cuda.is_available():

@@ -13,46 +13,21 @@ import copy
 import io
 import logging
 import math
-import warnings
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, check_same_model, manifest_digest, read_manifest, write_manifest
 from adm_export.calibration.cache import CalibrationCache, load_cache
 from adm_export.config import QuantizeConfig, to_dict
-from adm_export.errors import InvalidInputError, require
+from adm_export.errors import InvalidInputError
 from adm_export.export import recipes
 from adm_export.export.policy import summary as pol_summary
+from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
 from adm_export.progress import progress
 
 logger = logging.getLogger(__name__)
 
 STAGE = "quantized"
 STATE_FILE = "unet.modelopt.pth"
-
-
-def _mtq():
-    with warnings.catch_warnings():
-        # ModelOpt warns about untested transformers versions on import; not actionable here.
-        warnings.simplefilter("ignore")
-        require("modelopt.torch.opt", "nvidia-modelopt", "quantization")
-        import modelopt.torch.opt as mto
-        import modelopt.torch.quantization as mtq
-    return mtq, mto
-
-
-def rel_l2(a, b) -> float:
-    """Relative L2 error ``||a - b|| / ||b||`` (float64)."""
-    a = a.detach().double()
-    b = b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def run_denoiser(adapter, module, inputs: dict):
-    """One denoiser call on named inputs (spec order), returning the output tensor."""
-    import torch
-
-    with torch.inference_mode():
-        return adapter.export_module(module)(*inputs.values())
 
 
 def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig, plans=None):
@@ -86,7 +61,7 @@ def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"
     """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``."""
     from adm_export.export import policy as pol
 
-    mtq, _ = _mtq()
+    mtq, _ = import_modelopt()
     model = copy.deepcopy(adapter.denoiser).eval()
 
     def forward_loop(m):
@@ -343,7 +318,7 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
     if adapter is None:
         adapter = load_model(model_id or cal_manifest["model"]["id"], cfg.device)
     cache = load_cache(calibration, adapter.identity())
-    _, mto = _mtq()
+    _, mto = import_modelopt()
 
     # 2. The per-layer plan: policy (preset or --policy) checked against --target.
     plans, policy, capability = plan_layers(cfg, adapter)
@@ -405,7 +380,7 @@ def load_quantized(folder: str | Path, adapter, flag: str = "--quantized"):
     """
     manifest = read_manifest(folder, STAGE, flag)
     check_same_model(manifest, adapter.identity(), flag)
-    _, mto = _mtq()
+    _, mto = import_modelopt()
     model = copy.deepcopy(adapter.denoiser).eval()
     with contextlib.redirect_stdout(io.StringIO()):
         model = mto.restore(model, str(Path(folder) / STATE_FILE))

@@ -60,7 +60,8 @@ def _sensitivity():
     import torch
 
     from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+    from adm_export.export.quantize import quantize_with_plans
+    from adm_export.numerics import run_denoiser
 
     adapter = _net_adapter()
     g = torch.Generator().manual_seed(1)

@@ -103,7 +103,7 @@ def test_format_exports_compact_standard_and_matches_torch(name, data, tmp_path)
     import torch
 
     from adm_export.export import onnx_graph
-    from adm_export.export.quantize import rel_l2
+    from adm_export.numerics import rel_l2
 
     fmt, int4_convs, opset, dtype = FORMATS[name]
     q, plans, model, stats = _export(name, data, tmp_path)

@@ -94,7 +94,8 @@ def test_sensitivity_search_fits_budget_and_predicts_error():
 
     pytest.importorskip("modelopt.torch.quantization")
     from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, rel_l2, run_denoiser
+    from adm_export.export.quantize import quantize_with_plans
+    from adm_export.numerics import rel_l2, run_denoiser
 
     adapter = _Adapter()
     g = torch.Generator().manual_seed(1)
@@ -157,7 +158,8 @@ def small_search():
 
     pytest.importorskip("modelopt.torch.quantization")
     from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+    from adm_export.export.quantize import quantize_with_plans
+    from adm_export.numerics import run_denoiser
 
     adapter = _Adapter()
     g = torch.Generator().manual_seed(2)
@@ -197,7 +199,7 @@ def test_trajectory_check_measures_the_most_sensitive_items(small_search):
     import math
 
     from adm_export.export import sensitivity
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
 
     adapter, points, plans, cands, refs, qfn, groups, table = small_search
 

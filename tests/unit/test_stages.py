@@ -56,7 +56,7 @@ def test_fp32_export_matches_torch_to_float_rounding(tiny_adapter, tiny_build, t
     """Without quantization there is no rounding floor: ONNX Runtime equals torch to ~1e-6."""
     from adm_export.engines.onnxruntime import OrtRunner, make_session
     from adm_export.export.onnx import torch_to_onnx
-    from adm_export.export.quantize import rel_l2, run_denoiser
+    from adm_export.numerics import rel_l2, run_denoiser
 
     out, _, _ = tiny_build
     cache = load_cache(out / "calibration")
