@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, check_same_model, manifest_digest, read_manifest, write_manifest
-from adm_export.calibration.cache import CalibrationCache, load_cache
+from adm_export.calibration.cache import CalibrationCache, load_cache, parity_indices, parity_points
 from adm_export.config import QuantizeConfig, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.export import recipes
@@ -149,8 +149,6 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
     candidates = {p.name: capabilities.allowed_formats(cfg.target, p.kind, p.candidates) or ["fp16"] for p in auto}
     groups = sensitivity.group_plans(auto, cfg.sensitivity_granularity)
     calib = list(cache.points())
-    from adm_export.export.onnx import parity_points
-
     spec = adapter.denoiser_spec()
     full_points = parity_points(cache, cfg.sensitivity_points)
     # Trials on the first --sensitivity-frames frames (quantizer ranges still from the full points).
@@ -339,8 +337,6 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
     logger.info("quantized %s: %d weight and %d input quantizers; error vs full precision: mean %.4f, max %.4f",
                 cfg.precision.value, counts["weight"], counts["input"], sum(errors) / len(errors), max(errors))
     if search is not None:
-        from adm_export.export.onnx import parity_indices
-
         # The search's points (full length), whose errors step 5 has already measured.
         measured = [errors[i] for i in parity_indices(len(cache), cfg.sensitivity_points)]
         search["solution"]["measured_rel_l2"] = math.sqrt(sum(e * e for e in measured) / len(measured))

@@ -74,9 +74,9 @@ def test_fp32_export_matches_torch_to_float_rounding(tiny_adapter, tiny_build, t
 
 def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     """Parity is not a rubber stamp: a mis-scaled weight puts ONNX Runtime far above the floor."""
-    from adm_export.calibration.cache import load_cache
+    from adm_export.calibration.cache import load_cache, parity_points
     from adm_export.engines.onnxruntime import make_session
-    from adm_export.export.onnx import check_parity, parity_points
+    from adm_export.export.onnx import check_parity
     from adm_export.export.quantize import load_quantized
 
     out, _, _ = tiny_build
