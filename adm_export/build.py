@@ -15,11 +15,11 @@ def validate(cfg: BuildConfig) -> None:
     """Check the settings that only a later stage would otherwise reject."""
     from adm_export.config import EngineBackend
     from adm_export.errors import InvalidInputError
-    from adm_export.export import recipes
+    from adm_export.formats import recipes
 
     recipes.quant_config(cfg.quantize.precision)
     if cfg.quantize.policy:
-        from adm_export.export.policy import load_policy
+        from adm_export.formats.policy import load_policy
 
         load_policy(cfg.quantize.policy)
     if cfg.export.placement != cfg.quantize.placement:
@@ -66,7 +66,7 @@ def build(cfg: BuildConfig) -> dict:
 
 def _searched(cfg: BuildConfig) -> bool:
     """Whether the quantize stage runs the (rank-split) sensitivity search."""
-    from adm_export.export import policy as pol
+    from adm_export.formats import policy as pol
 
     return (pol.load_policy(cfg.quantize.policy) if cfg.quantize.policy else pol.preset(cfg.quantize.precision.value)).searched
 

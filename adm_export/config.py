@@ -13,17 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from adm_export.errors import InvalidInputError
+from adm_export.formats.capabilities import parse_target
+from adm_export.formats.recipes import Precision
 
 DEFAULT_MODEL = "reference-audioldm"
-
-
-class Precision(str, enum.Enum):
-    """Quantization presets (``--precision``)."""
-
-    INT8 = "int8"
-    FP8 = "fp8"
-    W4A8 = "w4a8"
-    MIXED = "mixed"
 
 
 class EngineBackend(str, enum.Enum):
@@ -133,7 +126,7 @@ class QuantizeConfig:
         precision: Quantization preset.
         size_budget: For ``mixed``: exported U-Net weight bytes at most this fraction of FP32.
         device: ``cpu`` or ``cuda``.
-        policy: A user policy JSON file (``--policy``; see ``export.policy``); replaces the preset's.
+        policy: A user policy JSON file (``--policy``; see ``formats.policy``); replaces the preset's.
         target: Serving target whose capabilities the formats are checked against (``--target``).
         allow_adjust: Change formats the target cannot run instead of refusing (``--allow-adjust``).
         placement: Q/DQ placement; ``onnxruntime`` also quantizes INT8 convolutions' outputs.
@@ -167,8 +160,6 @@ class QuantizeConfig:
             )
         if self.precision == Precision.MIXED and self.size_budget is None:
             raise InvalidInputError("--precision mixed needs --size-budget F (fraction of the FP32 size, e.g. 0.2)")
-        from adm_export.export.capabilities import parse_target
-
         parse_target(self.target)
         _positive("--sensitivity-points", self.sensitivity_points)
         if self.sensitivity_granularity not in ("layer", "block"):

@@ -137,7 +137,8 @@ def measure(name: str, workdir: Path, frames: int, points: int) -> dict:
     import onnx
     import torch
 
-    from adm_export.export import onnx_graph, recipes
+    from adm_export.export import onnx_graph
+    from adm_export.formats import recipes
     from adm_export.export.onnx import save_onnx, torch_to_onnx
     from adm_export.export.quantize import round_high_precision_weights
     from adm_export.numerics import import_modelopt

@@ -87,7 +87,8 @@ def worker(args) -> None:
     from adm_export import distributed as dist
     from adm_export.config import EvalConfig
     from adm_export.eval.harness import CHUNK, eval_prompts, generate_with_trajectory
-    from adm_export.export import policy as pol, sensitivity
+    from adm_export.export import sensitivity
+    from adm_export.formats import policy as pol
     from adm_export.export.quantize import quantize_with_plans
     from adm_export.numerics import run_denoiser
 

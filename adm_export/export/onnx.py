@@ -20,7 +20,7 @@ from adm_export.calibration.cache import load_cache, parity_points
 from adm_export.config import ExportConfig, Placement, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.export import onnx_graph
-from adm_export.export.policy import LayerPlan
+from adm_export.formats.policy import LayerPlan
 from adm_export.export.quantize import load_quantized
 from adm_export.numerics import rel_l2, run_denoiser
 
@@ -354,7 +354,7 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
 
 def _int8_plans_from_model(model) -> list:
     """Plans for a quantized artifact written before per-layer plans existed (INT8 only)."""
-    from adm_export.export import policy as pol
+    from adm_export.formats import policy as pol
 
     plans = []
     for name, kind, module in pol.compute_layers(model):

@@ -19,8 +19,8 @@ from adm_export.artifacts import atomic_dir, check_same_model, manifest_digest, 
 from adm_export.calibration.cache import CalibrationCache, load_cache, parity_indices, parity_points
 from adm_export.config import QuantizeConfig, to_dict
 from adm_export.errors import InvalidInputError
-from adm_export.export import recipes
-from adm_export.export.policy import summary as pol_summary
+from adm_export.formats import recipes
+from adm_export.formats.policy import summary as pol_summary
 from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
 from adm_export.progress import progress
 
@@ -59,7 +59,7 @@ def output_quantized_layers(plans, placement) -> list[str]:
 
 def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"):
     """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``."""
-    from adm_export.export import policy as pol
+    from adm_export.formats import policy as pol
 
     mtq, _ = import_modelopt()
     model = copy.deepcopy(adapter.denoiser).eval()
@@ -102,7 +102,7 @@ def plan_layers(cfg: QuantizeConfig, adapter):
     Returns:
         ``(plans, policy, capability_report)``; ``auto`` layers are left for the search.
     """
-    from adm_export.export import capabilities, policy as pol
+    from adm_export.formats import capabilities, policy as pol
 
     policy = pol.load_policy(cfg.policy) if cfg.policy else pol.preset(cfg.precision.value)
     if policy.searched and cfg.size_budget is None:
@@ -141,7 +141,8 @@ def search_mixed(cfg: QuantizeConfig, adapter, cache: CalibrationCache, plans, p
         final_latents: ``final_latents(model) -> tensors`` for the trajectory check; default a short
             sampler run on the cache's first prompts (:func:`short_trajectory`).
     """
-    from adm_export.export import capabilities, policy as pol, sensitivity
+    from adm_export.export import sensitivity
+    from adm_export.formats import capabilities, policy as pol
 
     modules = {n: m for n, _, m in pol.compute_layers(adapter.denoiser)}
     auto = [p for p in plans if p.format == "auto"]

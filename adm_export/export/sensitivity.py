@@ -136,7 +136,7 @@ def group_plans(plans, granularity: str = "layer") -> dict[str, list[str]]:
 
 def _trial(plans, fmt: str, candidates: dict[str, list[str]], modules: dict, int4_convs: bool):
     """Every layer that can take ``fmt`` gets it; the others stay in FP16."""
-    from adm_export.export.policy import with_format
+    from adm_export.formats.policy import with_format
 
     return [with_format(p, fmt if fmt in candidates[p.name] else "fp16", modules[p.name], int4_convs) for p in plans]
 
@@ -330,7 +330,7 @@ def choose(plans, table: dict[str, dict[str, float]], candidates: dict[str, list
     measured), with their trajectory check where one was made; ``solution`` has the byte and
     sensitivity totals and the predicted error.
     """
-    from adm_export.export.policy import with_format
+    from adm_export.formats.policy import with_format
 
     groups = groups or group_plans(plans)
     by_name = {p.name: p for p in plans}

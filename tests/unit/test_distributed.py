@@ -59,7 +59,8 @@ def _sensitivity():
     """The per-layer sensitivity table of the small network (INT8 and W4A8 candidates)."""
     import torch
 
-    from adm_export.export import policy as pol, sensitivity
+    from adm_export.export import sensitivity
+    from adm_export.formats import policy as pol
     from adm_export.export.quantize import quantize_with_plans
     from adm_export.numerics import run_denoiser
 

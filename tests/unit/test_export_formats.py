@@ -69,7 +69,8 @@ def _export(name, data, tmp_path):
     import torch
 
     import modelopt.torch.quantization as mtq
-    from adm_export.export import onnx_graph, policy as pol
+    from adm_export.export import onnx_graph
+    from adm_export.formats import policy as pol
     from adm_export.export.onnx import export_model_copy, weight_codecs
 
     fmt, int4_convs, opset, _ = FORMATS[name]
@@ -170,7 +171,8 @@ def test_onnxruntime_placement_fuses_integer_convolution(data, tmp_path):
     import torch
 
     import modelopt.torch.quantization as mtq
-    from adm_export.export import onnx_graph, policy as pol
+    from adm_export.export import onnx_graph
+    from adm_export.formats import policy as pol
     from adm_export.export.onnx import export_model_copy, weight_codecs
     from adm_export.export.quantize import output_quantized_layers
 

@@ -93,7 +93,8 @@ def test_sensitivity_search_fits_budget_and_predicts_error():
     import torch
 
     pytest.importorskip("modelopt.torch.quantization")
-    from adm_export.export import policy as pol, sensitivity
+    from adm_export.export import sensitivity
+    from adm_export.formats import policy as pol
     from adm_export.export.quantize import quantize_with_plans
     from adm_export.numerics import rel_l2, run_denoiser
 
@@ -137,7 +138,7 @@ def test_block_names_group_layers_by_unet_block():
 
 
 def test_block_granularity_on_the_embedded_unet(tiny_adapter):
-    from adm_export.export import policy as pol
+    from adm_export.formats import policy as pol
     from adm_export.export.sensitivity import group_plans
 
     plans = pol.resolve(pol.preset("mixed"), tiny_adapter.denoiser)
@@ -157,7 +158,8 @@ def small_search():
     import torch
 
     pytest.importorskip("modelopt.torch.quantization")
-    from adm_export.export import policy as pol, sensitivity
+    from adm_export.export import sensitivity
+    from adm_export.formats import policy as pol
     from adm_export.export.quantize import quantize_with_plans
     from adm_export.numerics import run_denoiser
 
