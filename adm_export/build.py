@@ -78,8 +78,8 @@ def _build(cfg: BuildConfig, out) -> dict | None:
     from adm_export.eval.harness import evaluate
     from adm_export.eval.report import make_report, write_report
     from adm_export.export.onnx import export_onnx
-    from adm_export.export.quantize import quantize
     from adm_export.models import load_model
+    from adm_export.quantize.stage import quantize
 
     timings: dict[str, float] = {}
     with timed_stage("load model", logger, timings):
@@ -115,7 +115,7 @@ def _build(cfg: BuildConfig, out) -> dict | None:
                          onnx_manifest, engine, result, quant, calib)
     if report.get("quantization") is not None:
         # Mixed precision and policies: what each layer got, what the target made us change, and
-        # the search's ranking / predicted vs measured error (export.quantize manifest).
+        # the search's ranking / predicted vs measured error (quantize stage manifest).
         report["quantization"].update({k: quant.get(k) for k in ("formats", "capability", "search", "placement")})
     write_report(out, report)
     return report

@@ -360,7 +360,7 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
              sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
     from adm_export.config import QuantizeConfig
-    from adm_export.export.quantize import quantize as run
+    from adm_export.quantize.stage import quantize as run
 
     cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                          target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,

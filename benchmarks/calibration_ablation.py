@@ -7,7 +7,7 @@ quantized layers (``calibration.stats``) and every denoiser input (benchmark onl
 run for all methods; the calibrate stage keeps only the selected ones). Each selection method then
 picks K points of that pool, exactly as ``calibrate`` would (``latents.select_indices`` and
 ``selection.select_activation`` on the same statistics), the U-Net is quantized with ModelOpt
-(``export.quantize.quantize_denoiser``, preset int8), and the quantized U-Net is compared with
+(``quantize.modelopt.quantize_denoiser``, preset int8), and the quantized U-Net is compared with
 full precision on **held-out** trajectories (prompts in neither calibration set, other seeds):
 
 * per-step relative L2 of the noise prediction on the full-precision trajectory's inputs
@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     from adm_export.calibration.selection import errors_for_amax, layer_errors, select_activation
     from adm_export.calibration.stats import StatsRecorder, memory_bytes
     from adm_export.config import CalibrationConfig, QuantizeConfig, SelectMethod
-    from adm_export.export.quantize import quantize_denoiser
+    from adm_export.quantize.modelopt import quantize_denoiser
 
     t_start = time.time()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

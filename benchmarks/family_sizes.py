@@ -138,10 +138,10 @@ def measure(name: str, workdir: Path, frames: int, points: int) -> dict:
     import torch
 
     from adm_export.export import onnx_graph
-    from adm_export.formats import recipes
     from adm_export.export.onnx import save_onnx, torch_to_onnx
-    from adm_export.export.quantize import round_high_precision_weights
+    from adm_export.formats import recipes
     from adm_export.numerics import import_modelopt
+    from adm_export.quantize.modelopt import round_high_precision_weights
 
     t0 = time.perf_counter()
     unet, adapter, source = build_family(name)

@@ -21,8 +21,8 @@ from adm_export.config import ExportConfig, Placement, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.export import onnx_graph
 from adm_export.formats.policy import LayerPlan
-from adm_export.export.quantize import load_quantized
 from adm_export.numerics import rel_l2, run_denoiser
+from adm_export.quantize.modelopt import load_quantized
 
 logger = logging.getLogger(__name__)
 

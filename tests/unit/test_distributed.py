@@ -59,10 +59,10 @@ def _sensitivity():
     """The per-layer sensitivity table of the small network (INT8 and W4A8 candidates)."""
     import torch
 
-    from adm_export.export import sensitivity
     from adm_export.formats import policy as pol
-    from adm_export.export.quantize import quantize_with_plans
     from adm_export.numerics import run_denoiser
+    from adm_export.quantize import sensitivity
+    from adm_export.quantize.modelopt import quantize_with_plans
 
     adapter = _net_adapter()
     g = torch.Generator().manual_seed(1)

@@ -70,8 +70,8 @@ def _export(name, data, tmp_path):
 
     import modelopt.torch.quantization as mtq
     from adm_export.export import onnx_graph
-    from adm_export.formats import policy as pol
     from adm_export.export.onnx import export_model_copy, weight_codecs
+    from adm_export.formats import policy as pol
 
     fmt, int4_convs, opset, _ = FORMATS[name]
     wrapper = _net()
@@ -172,9 +172,9 @@ def test_onnxruntime_placement_fuses_integer_convolution(data, tmp_path):
 
     import modelopt.torch.quantization as mtq
     from adm_export.export import onnx_graph
-    from adm_export.formats import policy as pol
     from adm_export.export.onnx import export_model_copy, weight_codecs
-    from adm_export.export.quantize import output_quantized_layers
+    from adm_export.formats import policy as pol
+    from adm_export.quantize.modelopt import output_quantized_layers
 
     wrapper = _net()
     plans = pol.resolve(pol.preset("int8"), wrapper.unet)

@@ -77,7 +77,7 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     from adm_export.calibration.cache import load_cache, parity_points
     from adm_export.engines.onnxruntime import make_session
     from adm_export.export.onnx import check_parity
-    from adm_export.export.quantize import load_quantized
+    from adm_export.quantize.modelopt import load_quantized
 
     out, _, _ = tiny_build
     model = onnx.load(str(out / "onnx" / "unet.onnx"))
