@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import signal
 
+from adm_export.audio import (frame_signal, mel_filterbank, pad_to, periodic_hann, power_spectrogram, prepare_clips,
+                              vggish_mel_matrix)
 from adm_export.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ CHECKPOINT_FLAG = "--embedder-checkpoint"
 
 
 # --------------------------------------------------------------------------------------------
-# Base class and waveform preparation
+# Base class
 # --------------------------------------------------------------------------------------------
 
 
@@ -94,133 +94,6 @@ class Embedder:
     def fd_embeddings(self, waveforms: Sequence[np.ndarray], sr: int) -> np.ndarray:
         """The rows FD is computed on: clip embeddings here, frame embeddings for VGGish (FAD)."""
         return self.embed(waveforms, sr)
-
-
-def _prepare(waveforms: Sequence[np.ndarray], sr: int, target_sr: int) -> list[np.ndarray]:
-    """Validate clips, mix to mono and resample to ``target_sr`` (float64)."""
-    if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
-        raise InvalidInputError(
-            "embedders take a sequence of clips, got a single 1-D array; wrap it in a list"
-        )
-    if isinstance(sr, bool) or not isinstance(sr, (int, np.integer)) or sr <= 0:
-        raise InvalidInputError(f"invalid sampling rate {sr!r}: give a positive integer in Hz")
-    clips = list(waveforms)
-    if not clips:
-        raise InvalidInputError("no clips to embed; raise --num-clips")
-    out = []
-    for i, w in enumerate(clips):
-        a = np.asarray(w, dtype=np.float64)
-        if a.ndim == 2 and a.shape[0] in (1, 2):
-            a = a.mean(axis=0)
-        if a.ndim != 1 or a.size == 0:
-            raise InvalidInputError(
-                f"clip {i} has shape {tuple(np.shape(w))}: give mono 1-D waveforms"
-            )
-        if not np.isfinite(a).all():
-            raise InvalidInputError(
-                f"clip {i} contains NaN/inf samples; the generated audio is broken "
-                "(check the engine output, --engine)"
-            )
-        if int(sr) != target_sr:
-            g = math.gcd(int(sr), target_sr)
-            a = signal.resample_poly(a, target_sr // g, int(sr) // g)
-        out.append(a)
-    return out
-
-
-def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
-    return a if a.size >= n else np.pad(a, (0, n - a.size))
-
-
-# --------------------------------------------------------------------------------------------
-# Spectral helpers (numpy)
-# --------------------------------------------------------------------------------------------
-
-
-def periodic_hann(n: int) -> np.ndarray:
-    """Periodic Hann window (``scipy.signal.get_window('hann', n)``, librosa's default)."""
-    return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / n)
-
-
-def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
-    """Slaney's mel scale (librosa's default, ``htk=False``): linear below 1 kHz, log above."""
-    f = np.asarray(f, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    lin = f / f_sp
-    log = min_log_mel + np.log(np.maximum(f, min_log_hz) / min_log_hz) / logstep
-    return np.where(f >= min_log_hz, log, lin)
-
-
-def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float64)
-    f_sp = 200.0 / 3.0
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = np.log(6.4) / 27.0
-    lin = f_sp * m
-    log = min_log_hz * np.exp(logstep * (m - min_log_mel))
-    return np.where(m >= min_log_mel, log, lin)
-
-
-def mel_filterbank(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float) -> np.ndarray:
-    """Slaney-scale, area-normalised triangular mel filters, ``(n_mels, n_fft // 2 + 1)``.
-
-    The same construction as ``librosa.filters.mel`` with its defaults (``htk=False``,
-    ``norm='slaney'``), which torchlibrosa stores as PANNs' ``logmel_extractor.melW`` (transposed).
-    """
-    fft_freqs = np.linspace(0.0, sr / 2.0, n_fft // 2 + 1)
-    mel_pts = np.linspace(_hz_to_mel_slaney(fmin), _hz_to_mel_slaney(fmax), n_mels + 2)
-    hz_pts = _mel_to_hz_slaney(mel_pts)
-    widths = np.diff(hz_pts)
-    ramps = hz_pts[:, None] - fft_freqs[None, :]
-    lower = -ramps[:-2] / widths[:-1, None]
-    upper = ramps[2:] / widths[1:, None]
-    weights = np.maximum(0.0, np.minimum(lower, upper))
-    # Slaney normalisation: every filter has unit area in Hz.
-    weights *= (2.0 / (hz_pts[2:] - hz_pts[:-2]))[:, None]
-    return weights
-
-
-def _hz_to_mel_htk(f: np.ndarray) -> np.ndarray:
-    return 1127.0 * np.log1p(np.asarray(f, dtype=np.float64) / 700.0)
-
-
-def vggish_mel_matrix(
-    sr: int = 16000, n_bins: int = 257, n_mels: int = 64, fmin: float = 125.0, fmax: float = 7500.0
-) -> np.ndarray:
-    """VGGish's mel matrix ``(n_bins, n_mels)``: HTK mel scale, triangles in mel, no area norm.
-
-    As in the AudioSet ``mel_features.spectrogram_to_mel_matrix``: the triangles are linear in
-    mel, the bins are ``linspace(0, sr/2, n_bins)`` and the DC bin gets no weight.
-    """
-    bins_mel = _hz_to_mel_htk(np.linspace(0.0, sr / 2.0, n_bins))
-    edges = np.linspace(_hz_to_mel_htk(fmin), _hz_to_mel_htk(fmax), n_mels + 2)
-    lo, ce, hi = edges[:-2], edges[1:-1], edges[2:]
-    lower = (bins_mel[:, None] - lo[None, :]) / (ce - lo)[None, :]
-    upper = (hi[None, :] - bins_mel[:, None]) / (hi - ce)[None, :]
-    w = np.maximum(0.0, np.minimum(lower, upper))
-    w[0, :] = 0.0
-    return w
-
-
-def _frames(x: np.ndarray, win: int, hop: int) -> np.ndarray:
-    n = 1 + (x.size - win) // hop
-    return np.lib.stride_tricks.sliding_window_view(x, win)[::hop][:n]
-
-
-def power_spectrogram(x: np.ndarray, n_fft: int, hop: int) -> np.ndarray:
-    """Centred (reflect-padded) periodic-Hann power spectrogram, ``(frames, n_fft // 2 + 1)``.
-
-    Same framing as ``librosa.stft(center=True, pad_mode='reflect')`` and torchlibrosa.
-    """
-    pad = n_fft // 2
-    x = _pad_to(x, pad + 1)  # reflect padding needs more samples than the pad
-    xp = np.pad(x, pad, mode="reflect")
-    spec = np.fft.rfft(_frames(xp, n_fft, hop) * periodic_hann(n_fft), axis=1)
-    return spec.real**2 + spec.imag**2
 
 
 # --------------------------------------------------------------------------------------------
@@ -325,7 +198,7 @@ class LogMelEmbedder(Embedder):
         return np.concatenate([band_mean, band_std, band_mod, glob])
 
     def embed(self, waveforms: Sequence[np.ndarray], sr: int) -> np.ndarray:
-        clips = _prepare(waveforms, sr, self.sampling_rate)
+        clips = prepare_clips(waveforms, sr, self.sampling_rate)
         return np.stack([self._features(c) for c in clips]).astype(np.float64)
 
 
@@ -349,8 +222,8 @@ def vggish_examples(x: np.ndarray) -> np.ndarray:
     than one example (0.975 s) is zero-padded to one example.
     """
     min_len = _VGGISH_WIN + (VGGISH_EXAMPLE_FRAMES - 1) * _VGGISH_HOP
-    x = _pad_to(np.asarray(x, dtype=np.float64), min_len)
-    frames = _frames(x, _VGGISH_WIN, _VGGISH_HOP) * periodic_hann(_VGGISH_WIN)
+    x = pad_to(np.asarray(x, dtype=np.float64), min_len)
+    frames = frame_signal(x, _VGGISH_WIN, _VGGISH_HOP) * periodic_hann(_VGGISH_WIN)
     mag = np.abs(np.fft.rfft(frames, n=_VGGISH_FFT, axis=1))
     logmel = np.log(mag @ _vggish_mel() + 0.01)
     n_ex = 1 + (logmel.shape[0] - VGGISH_EXAMPLE_FRAMES) // VGGISH_EXAMPLE_FRAMES
@@ -504,7 +377,7 @@ def _torch_classes() -> dict[str, type]:
             return emb, self.fc_audioset(emb)
 
         def _run(self, waveforms, sr) -> tuple[np.ndarray, np.ndarray]:
-            clips = [_pad_to(c, self.min_samples) for c in _prepare(waveforms, sr, 16000)]
+            clips = [pad_to(c, self.min_samples) for c in prepare_clips(waveforms, sr, 16000)]
             embs: list[Any] = [None] * len(clips)
             logits: list[Any] = [None] * len(clips)
             device = _device_of(self)
@@ -583,7 +456,7 @@ def _torch_classes() -> dict[str, type]:
 
         def frame_embeddings(self, waveforms, sr) -> list[np.ndarray]:
             """Per clip, ``(frames, 128)`` embeddings of its 0.96 s examples (what FAD pools)."""
-            clips = _prepare(waveforms, sr, 16000)
+            clips = prepare_clips(waveforms, sr, 16000)
             examples = [vggish_examples(c) for c in clips]
             flat = np.concatenate(examples)
             device = _device_of(self)
@@ -660,7 +533,7 @@ class ClapAudioEmbedder(Embedder):
     def embed(self, waveforms: Sequence[np.ndarray], sr: int) -> np.ndarray:
         import torch
 
-        clips = _prepare(waveforms, sr, self.sampling_rate)
+        clips = prepare_clips(waveforms, sr, self.sampling_rate)
         out = []
         with torch.inference_mode():
             for s in range(0, len(clips), self.batch_size):

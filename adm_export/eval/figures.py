@@ -57,7 +57,7 @@ def log_mel_db(wave: np.ndarray, sr: int) -> np.ndarray:
     """Log-mel power in dB, ``(mels, frames)``, at 16 kHz (window 512, hop 160, 64 mels 50-8000 Hz)."""
     from scipy.signal import resample_poly
 
-    from adm_export.eval.embedders import mel_filterbank, power_spectrogram
+    from adm_export.audio import mel_filterbank, power_spectrogram
 
     x = np.asarray(wave, dtype=np.float64).reshape(-1)
     x = np.nan_to_num(x)  # a broken engine's clip must still draw (as silence where it is NaN)

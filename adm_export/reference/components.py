@@ -71,7 +71,7 @@ def label_vector(spec) -> list[int]:
 
 @functools.lru_cache(maxsize=None)
 def _mel_basis_np() -> np.ndarray:
-    from adm_export.eval.embedders import mel_filterbank
+    from adm_export.audio import mel_filterbank
 
     return mel_filterbank(SAMPLING_RATE, N_FFT, MEL_BINS, FMIN, FMAX).astype(np.float32)
 

@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from adm_export import audio
 from adm_export.errors import InvalidInputError
 from adm_export.eval import embedders as E
 
@@ -120,11 +121,11 @@ def test_mel_filterbanks_match_reference_implementations():
 
     ref = mel_filter_bank(num_frequency_bins=257, num_mel_filters=64, min_frequency=50,
                           max_frequency=8000, sampling_rate=SR, norm="slaney", mel_scale="slaney")
-    np.testing.assert_allclose(E.mel_filterbank(SR, 512, 64, 50, 8000).T, ref, atol=1e-12)
+    np.testing.assert_allclose(audio.mel_filterbank(SR, 512, 64, 50, 8000).T, ref, atol=1e-12)
     ref_htk = mel_filter_bank(num_frequency_bins=257, num_mel_filters=64, min_frequency=125,
                               max_frequency=7500, sampling_rate=SR, norm=None, mel_scale="htk",
                               triangularize_in_mel_space=True)
-    mine = E.vggish_mel_matrix()
+    mine = audio.vggish_mel_matrix()
     np.testing.assert_allclose(mine[1:], ref_htk[1:], atol=1e-10)
     assert not mine[0].any()  # VGGish gives the DC bin no weight
 
@@ -208,7 +209,7 @@ def test_cnn14_front_end_matches_numpy(cnn14, torch):
     model, _ = cnn14
     x = noise(4, seconds=0.5)
     spec = model.spectrogram_extractor(torch.from_numpy(x).float()[None])[0, 0].double().numpy()
-    ref = E.power_spectrogram(x, 512, 160)
+    ref = audio.power_spectrogram(x, 512, 160)
     np.testing.assert_allclose(spec, ref, atol=1e-5 * ref.max())
 
 
