@@ -16,9 +16,9 @@ import numpy as np
 
 from adm_export.audio import prepare_clips
 from adm_export.eval.embedders import Embedder
-from adm_export.reference import components as C
+from adm_export.models import reference_components as C
 
-from adm_export.reference.model import REFERENCE_DIR
+from adm_export.models.reference import REFERENCE_DIR
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
