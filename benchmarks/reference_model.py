@@ -39,10 +39,10 @@ def quality(n: int, steps: int, batch: int) -> dict:
     import torch
 
     from adm_export.eval import fd as fdlib
+    from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder
     from adm_export.models import reference_components as C
     from adm_export.models.reference import load_reference_pipeline
     from adm_export.reference import corpus
-    from adm_export.reference.embedder import ReferenceClapEmbedder
 
     pipe = load_reference_pipeline()
     pipe.set_progress_bar_config(disable=True)

@@ -529,7 +529,7 @@ def quick_eval(out: Path, work: Path, device, n: int, steps: int = 10, guidance:
     import torch
     from diffusers import AudioLDMPipeline
 
-    from adm_export.reference.embedder import ReferenceClapEmbedder, frechet_distance
+    from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder, frechet_distance
 
     pipe = AudioLDMPipeline.from_pretrained(out / "audioldm", dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -12,6 +12,7 @@ import pytest
 from adm_export import audio
 from adm_export.errors import InvalidInputError
 from adm_export.eval import embedders as E
+from adm_export.eval.embedders import base as embedders_base
 
 SR = 16000
 
@@ -90,7 +91,7 @@ def test_logmel_needs_nothing():
 
 
 def test_missing_checkpoint_names_the_flag(monkeypatch, tmp_path):
-    monkeypatch.setattr(E, "_cache_candidates", lambda name: [tmp_path / "absent.pth"])
+    monkeypatch.setattr(embedders_base, "_cache_candidates", lambda name: [tmp_path / "absent.pth"])
     for name in ("panns-cnn14", "vggish"):
         with pytest.raises(InvalidInputError, match="--embedder-checkpoint"):
             E.get_embedder(name)
@@ -248,7 +249,9 @@ def test_vggish_loads_through_get_embedder(vggish):
 
 
 def test_vggish_examples_layout():
-    ex = E.vggish_examples(noise(7, seconds=3.0))
+    from adm_export.eval.embedders.vggish import vggish_examples
+
+    ex = vggish_examples(noise(7, seconds=3.0))
     assert ex.shape == (3, 96, 64) and ex.dtype == np.float32
 
 

@@ -15,9 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from adm_export.audio import prepare_clips
-from adm_export.eval.embedders import Embedder
+from adm_export.eval.embedders.base import Embedder
 from adm_export.models import reference_components as C
-
 from adm_export.models.reference import REFERENCE_DIR
 
 
