@@ -222,10 +222,10 @@ class EvalConfig:
         audio_seconds: Clip length.
         guidance_scale: Classifier-free guidance scale.
         max_fd_increase: Gate threshold in percent on ``100 * (FD(engine, ref) - FD(baseline, ref))
-            / FD(baseline, ref)`` (see ``eval.harness``); ``None`` disables this check.
+            / FD(baseline, ref)`` (see ``eval.scoring``); ``None`` disables this check.
         max_drift: Gate threshold in percent on the paired drift: mean squared embedding distance
             of each engine clip to its own baseline clip over twice the baseline set's total
-            variance (see ``eval.harness.paired_drift_pct``); ``None`` disables this check.
+            variance (see ``eval.fd.paired_drift_pct``); ``None`` disables this check.
         embedder: Embedder name (``logmel`` is weight-free and always available); ``None``: the
             model's (``reference-clap`` for the reference model, else ``logmel``).
         embedder_checkpoint: Weights file or folder of a pretrained embedder.

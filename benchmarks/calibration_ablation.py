@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
                "final_snr_db": float(np.mean(snrs)), "final_snr_db_per_clip": snrs}
         if embedder is not None:
             from adm_export.eval.fd import frechet_distance
-            from adm_export.eval.harness import paired_drift_pct
+            from adm_export.eval.fd import paired_drift_pct
 
             q_emb = embedder.fd_embeddings(audios, adapter.sampling_rate)
             # Key kept from the logmel-only version; the embedder is in the JSON's args.

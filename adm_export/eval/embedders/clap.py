@@ -1,7 +1,9 @@
-"""``clap``: LAION CLAP audio embeddings through ``transformers`` from a local checkpoint folder."""
+"""``clap``: LAION CLAP audio embeddings through ``transformers`` from a local checkpoint folder,
+and the CLAP score (text-audio cosine) of the eval stage."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -65,3 +67,53 @@ class ClapAudioEmbedder(Embedder):
                     feats = feats.pooler_output
                 out.append(feats.double().cpu().numpy())
         return np.concatenate(out)
+
+
+def clap_scores(checkpoint: str, prompts: Sequence[str], sets: dict[str, Sequence[np.ndarray]], sr: int,
+                device: str = "cpu", embedder=None) -> dict[str, float]:
+    """CLAP score of each set: mean cosine similarity between a clip and its prompt's text.
+
+    Args:
+        checkpoint: Local ``ClapModel`` folder with its feature extractor and tokenizer.
+        prompts: Prompt of each clip (every set is paired with ``prompts`` by index).
+        sets: Clips by set name.
+        sr: Sampling rate of the clips.
+        device: ``cpu`` or ``cuda``.
+        embedder: An already loaded :class:`~adm_export.eval.embedders.ClapAudioEmbedder` to reuse.
+
+    Returns:
+        ``{set name: mean cosine}`` (in [-1, 1]; higher means the audio matches its text better).
+
+    Raises:
+        InvalidInputError: The folder is not a loadable CLAP model or has no tokenizer.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    if not Path(checkpoint).is_dir():
+        raise InvalidInputError(
+            f"--clap-checkpoint {checkpoint!r} is not a folder; give a local ClapModel folder (weights cannot be "
+            "downloaded here)"
+        )
+    audio = embedder if isinstance(embedder, ClapAudioEmbedder) else ClapAudioEmbedder(checkpoint, device=device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InvalidInputError(
+            f"--clap-checkpoint {checkpoint!r} has no usable tokenizer (needed for the CLAP score): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    with torch.inference_mode():
+        tokens = tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
+        tokens = {k: v.to(audio.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        text = audio.model.get_text_features(**tokens)
+        if not isinstance(text, torch.Tensor):  # transformers >= 5: a model output
+            text = text.pooler_output
+        text = text.double().cpu().numpy()
+    text /= np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+    scores = {}
+    for name, waves in sets.items():
+        a = audio.embed(waves, sr)
+        a /= np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+        scores[name] = float(np.mean(np.sum(a * text[: len(a)], axis=1)))
+    return scores
