@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from adm_export import __version__
-from adm_export.config import DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
+from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
 from adm_export.errors import AdmExportError
 
 logger = logging.getLogger("adm_export")
@@ -158,7 +158,7 @@ def calibration_options(f):
         click.option("--select", type=_choices(SelectMethod), default=SelectMethod.ACTIVATION.value, show_default=True,
                      help="How calibration points are chosen (activation: activation-aware, from per-layer "
                           "activation statistics of every step and prompt)."),
-        click.option("--seconds", type=float, default=2.56, show_default=True, help="Audio length of calibration runs."),
+        click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Audio length of calibration runs."),
         click.option("--guidance-scale", type=float, default=2.5, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
@@ -208,7 +208,7 @@ def eval_options(f):
     opts = [
         click.option("--num-clips", type=int, default=8, show_default=True, help="Clips per run (baseline, engine)."),
         click.option("--eval-steps", type=int, default=10, show_default=True, help="Sampler steps per clip."),
-        click.option("--eval-seconds", type=float, default=2.56, show_default=True, help="Clip length."),
+        click.option("--eval-seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Clip length."),
         click.option("--max-fd-increase", type=float, default=50.0, show_default=True,
                      help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
         click.option("--max-drift", type=float, default=25.0, show_default=True,
@@ -490,7 +490,7 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="File with one prompt per line.")
-@click.option("--seconds", type=float, default=2.56, show_default=True)
+@click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--guidance-scale", type=float, default=2.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)

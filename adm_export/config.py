@@ -17,6 +17,9 @@ from adm_export.formats.capabilities import parse_target
 from adm_export.formats.recipes import Precision
 
 DEFAULT_MODEL = "reference-audioldm"
+#: Audio length (seconds) of calibration runs, eval clips, generated clips and export examples when
+#: not given: the reference model's training clip length (256 mel frames at 100 frames per second).
+DEFAULT_AUDIO_SECONDS = 2.56
 
 
 class EngineBackend(str, enum.Enum):
@@ -98,7 +101,7 @@ class CalibrationConfig:
     steps: int = 10
     points: int = 16
     select: SelectMethod = SelectMethod.ACTIVATION
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     guidance_scale: float = 2.5
     seed: int = 0
     device: str = "cpu"
@@ -241,7 +244,7 @@ class EvalConfig:
 
     num_clips: int = 8
     steps: int = 10
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     guidance_scale: float = 2.5
     max_fd_increase: float | None = 50.0
     embedder: str | None = None
