@@ -12,7 +12,7 @@ import pytest
 from adm_export import audio
 from adm_export.errors import InvalidInputError
 from adm_export.eval import embedders as E
-from adm_export.eval.embedders import base as embedders_base
+from adm_export.eval.embedders import registry
 
 SR = 16000
 
@@ -91,7 +91,7 @@ def test_logmel_needs_nothing():
 
 
 def test_missing_checkpoint_names_the_flag(monkeypatch, tmp_path):
-    monkeypatch.setattr(embedders_base, "_cache_candidates", lambda name: [tmp_path / "absent.pth"])
+    monkeypatch.setattr(registry, "_cache_candidates", lambda name: [tmp_path / "absent.pth"])
     for name in ("panns-cnn14", "vggish"):
         with pytest.raises(InvalidInputError, match="--embedder-checkpoint"):
             E.get_embedder(name)
