@@ -140,22 +140,18 @@ class Scheduler:
         a_prev = ac[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t = np.float32(1) - a_t
         x, eps = sample.astype(np.float32, copy=False), model_output.astype(np.float32, copy=False)
+        sa, sb = a_t ** np.float32(0.5), b_t ** np.float32(0.5)
         if self.prediction_type == "epsilon":
-            x0 = (x - b_t ** np.float32(0.5) * eps) / a_t ** np.float32(0.5)
+            x0, pred_eps = (x - sb * eps) / sa, eps
         elif self.prediction_type == "sample":
             x0 = eps
+            pred_eps = (x - sa * x0) / sb
         else:  # v_prediction
-            x0 = a_t ** np.float32(0.5) * x - b_t ** np.float32(0.5) * eps
+            x0, pred_eps = sa * x - sb * eps, sa * eps + sb * x
+        # As diffusers: the clip changes x0 only; DDIM's direction keeps the unclipped epsilon.
         if self.clip_sample:
             x0 = np.clip(x0, -self.clip_range, self.clip_range)
-        if self.kind == "ddim":
-            if self.prediction_type == "epsilon":
-                pred_eps = eps
-            elif self.prediction_type == "sample":
-                pred_eps = (x - a_t ** np.float32(0.5) * x0) / b_t ** np.float32(0.5)
-            else:
-                pred_eps = a_t ** np.float32(0.5) * eps + b_t ** np.float32(0.5) * x
-            # eta = 0: no variance term.
+        if self.kind == "ddim":  # eta = 0: no variance term
             return (a_prev ** np.float32(0.5) * x0 + (np.float32(1) - a_prev) ** np.float32(0.5) * pred_eps).astype(
                 np.float32, copy=False)
         b_prev = np.float32(1) - a_prev
