@@ -117,14 +117,20 @@ class UNetRunner:
         self._device_constants: dict[str, Any] = {}
         self._version = 0
         self.calls = 0
+        # "plain" (numpy feeds), "bound" (IO binding) or "graph" (CUDA graphs); the device of the
+        # bound buffers follows the provider, so both paths also run (and are tested) on the CPU.
+        self.mode = "graph" if options.cuda_graph else ("bound" if options.on_gpu else "plain")
+        self.device_type = "cuda" if options.on_gpu else "cpu"
         self.session = None if options.cuda_graph else open_session(path, options)
-        probe = self.session or open_session(path, dataclasses.replace(
-            options, provider="cpu", cuda_graph=False, threads=1, optimization_level="disable"))
+        # With CUDA graphs the sessions are per shape: read the graph's inputs from a plain session
+        # on the same provider (a fused CUDA graph may hold ops the CPU provider cannot load).
+        probe = self.session or open_session(path, dataclasses.replace(options, cuda_graph=False))
         self.input_types = {i.name: _NP.get(i.type, np.float32) for i in probe.get_inputs()}
         self.input_shapes = {i.name: list(i.shape) for i in probe.get_inputs()}
         self.output_name = probe.get_outputs()[0].name
         self.output_shape = list(probe.get_outputs()[0].shape)
         self.output_type = _NP.get(probe.get_outputs()[0].type, np.float32)
+        del probe
 
     def fixed_dim(self, name: str, axis: int) -> int | None:
         """The engine's fixed size of ``name``'s ``axis``, or None where it is dynamic."""
@@ -137,9 +143,9 @@ class UNetRunner:
                            for n, v in constants.items()}
         self._version += 1
         self._device_constants = {}
-        if self.options.on_gpu and not self.options.cuda_graph:
+        if self.mode == "bound":
             ort = _ort()
-            self._device_constants = {n: ort.OrtValue.ortvalue_from_numpy(v, "cuda", self.options.device_id)
+            self._device_constants = {n: ort.OrtValue.ortvalue_from_numpy(v, self.device_type, self.options.device_id)
                                       for n, v in self._constants.items()}
 
     def __call__(self, **step_inputs: np.ndarray) -> np.ndarray:
@@ -147,9 +153,9 @@ class UNetRunner:
         self.calls += 1
         feed = {n: np.ascontiguousarray(np.asarray(v).astype(self.input_types[n], copy=False))
                 for n, v in step_inputs.items()}
-        if not self.options.on_gpu:
+        if self.mode == "plain":
             out = self.session.run([self.output_name], {**self._constants, **feed})[0]
-        elif self.options.cuda_graph:
+        elif self.mode == "graph":
             out = self._run_graph(feed)
         else:
             out = self._run_bound(feed)
@@ -161,7 +167,7 @@ class UNetRunner:
             binding.bind_ortvalue_input(name, value)
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
-        binding.bind_output(self.output_name, "cuda", self.options.device_id)
+        binding.bind_output(self.output_name, self.device_type, self.options.device_id)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
 
@@ -186,12 +192,12 @@ class UNetRunner:
             ort = _ort()
             session = open_session(self.path, self.options, static_dims=dims)
             dev = self.options.device_id
-            inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), a.dtype, "cuda", dev)
+            inputs = {n: ort.OrtValue.ortvalue_from_shape_and_type(list(a.shape), a.dtype.type, self.device_type, dev)
                       for n, a in arrays.items()}
             out_shape = [dims.get(d, d) if isinstance(d, str) else d for d in self.output_shape]
             if any(isinstance(d, str) for d in out_shape):  # output axes not named like the inputs'
                 out_shape = list(arrays["sample"].shape)
-            output = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, self.output_type, "cuda", dev)
+            output = ort.OrtValue.ortvalue_from_shape_and_type(out_shape, self.output_type, self.device_type, dev)
             binding = session.io_binding()
             for n, v in inputs.items():
                 binding.bind_ortvalue_input(n, v)

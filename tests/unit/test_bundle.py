@@ -314,3 +314,35 @@ def test_numpy_scheduler_matches_diffusers():
         Scheduler("EulerDiscreteScheduler", {})
     with pytest.raises(InvalidInputError, match="thresholding"):
         Scheduler("DDIMScheduler", {"thresholding": True})
+
+
+def test_unet_runner_io_binding_and_graph_slots_give_the_plain_result(family_bundles):
+    """The IO-binding and CUDA-graph paths (fixed buffers updated in place, one session per shape),
+    run on the CPU provider: same output as plain numpy feeds, constants re-uploaded when they change.
+    (An FP32 engine: in an INT8 graph, a shape-specialised session can flip roundings.)"""
+    import json
+
+    from adm_export.engines.onnxruntime import OrtOptions
+    from adm_export.runtime.sessions import UNetRunner
+
+    folder = family_bundles("tiny-tango")[1]
+    inputs = json.loads((folder / "bundle.json").read_text())["unet"]["inputs"]
+    dims = {n: {i: d for i, d in enumerate(s) if isinstance(d, str)} for n, s in inputs.items()}
+    runner = UNetRunner(folder / "unet" / "unet.onnx", OrtOptions(threads=1), dims)
+    rng = np.random.default_rng(0)
+    cases = {}
+    for batch, frames in ((2, 8), (4, 8), (2, 8), (2, 12)):
+        arrays = {n: rng.standard_normal([{"batch": batch, "frames": frames}.get(d, d) for d in shape]).astype(
+            np.float32) for n, shape in inputs.items() if n != "timestep"}
+        cases.setdefault((batch, frames), []).append(arrays)
+    for mode in ("plain", "bound", "graph"):
+        runner.mode = mode
+        for key, variants in cases.items():
+            for arrays in variants:
+                runner.set_constants({n: v for n, v in arrays.items() if n in inputs and n != "sample"})
+                out = runner(sample=arrays["sample"], timestep=np.full((key[0],), 501.0, np.float32))
+                if mode == "plain":
+                    arrays["want"] = out
+                else:
+                    assert out.shape == arrays["sample"].shape and rel_l2(out, arrays["want"]) < 1e-5, (mode, key)
+    assert len(runner._slots) == 3  # one static-shape session per (batch, frames)
