@@ -16,7 +16,6 @@ the folder described in :mod:`adm_export.runtime.layout`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import shutil
 import time
@@ -233,7 +232,3 @@ def bundle(cfg: BundleConfig, adapter=None) -> BundleResult:
                 len(files), sum(files.values()) / 1e6, seconds)
     return BundleResult(Path(cfg.out), manifest, files, parity, seconds)
 
-
-def load_bundle_config(folder: str | Path) -> dict:
-    """``bundle.json`` of a bundle folder (no checks; the runtime verifies the manifest)."""
-    return json.loads((Path(folder) / layout.CONFIG_FILE).read_text())

@@ -8,7 +8,6 @@ it can replace the pipeline's code in the torch-free runtime. Imported lazily by
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -135,7 +135,7 @@ def family_components(adapter) -> list[Component]:
     elif family == "audioldm2":
         tok, tok2 = pipe.tokenizer, pipe.tokenizer_2
         ex1 = [_tokens(tok, prompts, "max_length", tok.model_max_length), _tokens(tok, prompts[1:], "max_length", 40)]
-        ex2 = [_tokens(tok2, prompts, True, tok2.model_max_length), _tokens(tok2, prompts[1:], True, tok2.model_max_length)]
+        ex2 = [_tokens(tok2, p, True, tok2.model_max_length) for p in (prompts, prompts[1:])]
         clap = cm.ClapTextFeatures(pipe.text_encoder).eval()
         t5 = cm.TextEncoderStates(pipe.text_encoder_2).eval()
         proj = cm.Projection(pipe.projection_model).eval()

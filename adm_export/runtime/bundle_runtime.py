@@ -68,11 +68,13 @@ class BundleRuntime:
         sched = self.config["scheduler"]
         self.scheduler = Scheduler(sched["class_name"], json.loads((self.folder / sched["config"]).read_text()))
         unet = self.config["unet"]
-        dims = {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)} for name, shape in unet["inputs"].items()}
+        dims = {name: {i: d for i, d in enumerate(shape) if isinstance(d, str)}
+                for name, shape in unet["inputs"].items()}
         try:
             self.unet = UNetRunner(self.folder / unet["file"], self.options.ort_options("unet"), dims)
         except Exception as exc:
-            if unet.get("built_for") == "cuda" and self.options.device == "cpu" and "onnxruntime" in type(exc).__module__:
+            cuda_only = unet.get("built_for") == "cuda" and self.options.device == "cpu"
+            if cuda_only and "onnxruntime" in type(exc).__module__:
                 raise InvalidInputError(
                     f"bundle {str(self.folder)!r}: its U-Net engine was built for cuda and does not load on the CPU "
                     f"({str(exc).splitlines()[0][:160]}); use device='cuda' or bundle a build made with --device cpu"
