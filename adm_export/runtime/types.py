@@ -62,8 +62,9 @@ class RuntimeOptions:
     def __post_init__(self):
         if self.device not in ("cpu", "cuda"):
             raise InvalidInputError(f"invalid device {self.device!r}: choose cpu or cuda")
-        if self.cuda_graph and self.device != "cuda":
-            raise InvalidInputError("cuda_graph needs device='cuda'")
+        for name in ("cuda_graph", "prefer_nhwc"):
+            if getattr(self, name) and self.device != "cuda":
+                raise InvalidInputError(f"{name} needs device='cuda'; drop it to run on the CPU")
         for name in ("threads", "device_id", "text_cache_size"):
             if getattr(self, name) < 0:
                 raise InvalidInputError(f"invalid {name} {getattr(self, name)!r}: must be >= 0")
