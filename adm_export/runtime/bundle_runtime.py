@@ -15,6 +15,7 @@ not depend on who it was batched with (up to the float rounding of a different b
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import math
@@ -36,12 +37,12 @@ from adm_export.runtime.types import GenerationRequest, RuntimeOptions
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass
 class SampleResult:
     """What :meth:`BundleRuntime.sample` returns: per request, final latents and waveform (None if cancelled)."""
 
-    def __init__(self, latents: list, waveforms: list):
-        self.latents = latents
-        self.waveforms = waveforms
+    latents: list
+    waveforms: list
 
 
 class BundleRuntime:
