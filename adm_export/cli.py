@@ -521,6 +521,26 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
     click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
 
 
+@cli.command("bundle")
+@click.argument("build_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
+@click.option("--model", default=None, help="Model to load (default: the engine's; must be the same weights).")
+@click.option("--max-seconds", type=float, default=30.0, show_default=True,
+              help="Longest clip the runtime accepts by default.")
+@handle_errors
+def bundle_cmd(build_dir, out, force, model, max_seconds):
+    """Bundle a build for the torch-free runtime: engine, text encoder(s), VAE decoder, vocoder as ONNX."""
+    from adm_export.bundle import BundleConfig, bundle
+
+    result = bundle(BundleConfig(build_dir=str(build_dir), out=str(out), force=force, model=model,
+                                 max_seconds=max_seconds))
+    worst = max(max(p["rel_l2"]) for p in result.parity.values())
+    click.echo(f"{len(result.files)} files, {sum(result.files.values()) / 1e6:.1f} MB; components vs torch: "
+               f"max rel. L2 {worst:.1e} ({', '.join(result.parity)}) -> {out}")
+
+
 @cli.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @handle_errors
