@@ -178,8 +178,10 @@ def quant_options(f):
                      help="Serving target the formats are checked against (default: from --engine/--device)."),
         click.option("--allow-adjust", is_flag=True,
                      help="Change formats the target cannot run (reported) instead of refusing."),
-        click.option("--placement", type=_choices(Placement), default=Placement.TENSORRT.value, show_default=True,
-                     help="Q/DQ placement: tensorrt, or onnxruntime (DQ -> Conv -> Q for integer kernels)."),
+        click.option("--placement", type=_choices(Placement), default=None,
+                     help="Q/DQ placement [default: the one --target needs: onnxruntime (integer CPU kernels: "
+                          "DQ -> Conv -> Q, UINT8 activations, quantized attention products) for onnxruntime-cpu, "
+                          "tensorrt otherwise]."),
         click.option("--sensitivity-points", type=int, default=4, show_default=True,
                      help="For --precision mixed: calibration points the sensitivity is measured on."),
         click.option("--sensitivity-granularity", type=click.Choice(["layer", "block"]), default="layer",
@@ -197,11 +199,9 @@ def quant_options(f):
 
 
 def _target(target, engine="onnxruntime", device="cpu") -> str:
-    if target:
-        return target
-    if engine in ("tensorrt", "tensorrt-rtx"):
-        return engine
-    return f"onnxruntime-{device}"
+    from adm_export.formats.capabilities import target_for
+
+    return target or target_for(engine, device).value
 
 
 def eval_options(f):
@@ -267,6 +267,12 @@ def _summary(report: dict) -> None:
                    f"{parity['quant_error_mean_rel_l2']:.2e}")
     for name, stage in report["stages"].items():
         click.echo(f"  {name:<12} {stage['seconds']:7.1f} s")
+    engine = report.get("engine") or {}
+    if engine.get("speedup_vs_fp32") is not None:
+        placement = ((report.get("quantization") or {}).get("placement") or {}).get("value")
+        click.echo(f"CPU engine: {engine['speedup_vs_fp32']:.2f}x FP32 ({engine['latency_ms']:.1f} vs "
+                   f"{engine['fp32_latency_ms']:.1f} ms per denoiser call, same CPU"
+                   f"{f'; placement {placement}' if placement else ''})")
     gate = ev.get("gate") or {}
     if gate.get("passed") is None:
         click.echo("quality gate: not run")
@@ -388,7 +394,8 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--force", is_flag=True)
 @click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--placement", type=_choices(Placement), default=Placement.TENSORRT.value, show_default=True)
+@click.option("--placement", type=_choices(Placement), default=None,
+              help="Q/DQ placement; fixed at quantize time [default: the quantized model's].")
 @click.option("--parity-points", type=int, default=4, show_default=True)
 @handle_errors
 def export_cmd(quantized, calibration, out, force, opset, placement, parity_points):

@@ -31,7 +31,17 @@ class Target(str, enum.Enum):
     ORT_CUDA = "onnxruntime-cuda"
 
 
+class Placement(str, enum.Enum):
+    """Where Q/DQ pairs go in the exported graph (``--placement``); each target has its own (see
+    :data:`TARGET_PLACEMENT`), and :data:`PLACEMENTS` says what each one adds."""
+
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+
+
 NATIVE, EMULATED = "native", "emulated"
+#: Op kind of the attention score and value products (Q·K^T, softmax·V): two activations, no weight.
+ATTENTION = "attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +65,7 @@ def _trt(label: str, fp8_note: str) -> dict:
                                            "with 8-bit activations are a TensorRT-LLM format", "w4a16"),
         ("w4a8", CONV): Capability(None, f"{label} has no INT4 convolution", "int8"),
         ("w4a16", CONV): Capability(None, f"{label} has no INT4 convolution", "fp16"),
+        ("int8", ATTENTION): Capability(NATIVE, "INT8 MatMul from Q/DQ on both inputs (with --placement onnxruntime)"),
     }
 
 
@@ -73,6 +84,7 @@ TABLE: dict[Target, dict[tuple[str, str], Capability]] = {
         ("w4a16", LINEAR): Capability(NATIVE, "blocked INT4 DequantizeLinear -> MatMul fuses to MatMulNBits"),
         ("w4a8", CONV): Capability(EMULATED, "INT4 weights dequantized to float, float Conv"),
         ("w4a16", CONV): Capability(EMULATED, "INT4 weights dequantized to float, float Conv"),
+        ("int8", ATTENTION): Capability(NATIVE, "MatMulIntegerToFloat (UINT8 x UINT8) from DQ on both MatMul inputs"),
     },
     Target.ORT_CUDA: {
         ("fp16", CONV): Capability(NATIVE), ("fp16", LINEAR): Capability(NATIVE),
@@ -86,8 +98,79 @@ TABLE: dict[Target, dict[tuple[str, str], Capability]] = {
                                          "CUDA EP", "int8"),
         ("w4a16", CONV): Capability(None, "blocked INT4 DequantizeLinear feeding Conv is not verified on the "
                                           "CUDA EP", "fp16"),
+        ("int8", ATTENTION): Capability(EMULATED, "Q/DQ then float MatMul"),
     },
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementSpec:
+    """What a Q/DQ placement puts in the graph beyond Q/DQ on each quantized layer's input and weight.
+
+    Attributes:
+        conv_outputs: Quantize INT8 convolutions' outputs too (DQ -> Conv -> Q).
+        attention: Quantize both inputs of the attention products (Q·K^T, softmax·V) where the
+            attention's projections are INT8.
+        unsigned_activations: Store activation Q/DQ as UINT8 (zero point 128): the same values
+            as signed symmetric INT8, in the type the target's integer kernels take.
+        fold_attention_bias: Drop the exporter's all-zero attention bias (``baddbmm`` with
+            ``beta = 0`` traces to ``Add(scores, Mul(zeros, 0))``: two full passes over the
+            attention scores that change nothing).
+        note: Why, for the report.
+    """
+
+    conv_outputs: bool
+    attention: bool
+    unsigned_activations: bool
+    fold_attention_bias: bool
+    note: str
+
+
+PLACEMENTS: dict[Placement, PlacementSpec] = {
+    Placement.TENSORRT: PlacementSpec(
+        conv_outputs=False, attention=False, unsigned_activations=False, fold_attention_bias=False,
+        note="Q/DQ on each quantized layer's input and weight, signed INT8: the pattern TensorRT fuses into INT8 "
+             "kernels (and the FP16 CUDA engine dequantizes)"),
+    Placement.ONNXRUNTIME: PlacementSpec(
+        conv_outputs=True, attention=True, unsigned_activations=True, fold_attention_bias=True,
+        note="ONNX Runtime's CPU provider runs an integer kernel only for DQ -> op -> Q with UINT8 activations "
+             "(QLinearConv) or DQ on both MatMul inputs (MatMulIntegerToFloat): convolution outputs, UINT8 "
+             "activations and the attention products' inputs are quantized"),
+}
+
+#: The placement each target's kernels need, and why (``--placement`` overrides it).
+TARGET_PLACEMENT: dict[Target, tuple[Placement, str]] = {
+    Target.TENSORRT: (Placement.TENSORRT, "TensorRT fuses Q/DQ on inputs and weights into its INT8 kernels"),
+    Target.TENSORRT_RTX: (Placement.TENSORRT, "TensorRT-RTX fuses Q/DQ on inputs and weights into its INT8 kernels"),
+    Target.ORT_CPU: (Placement.ONNXRUNTIME,
+                     "ONNX Runtime's CPU provider leaves a convolution in float unless its output is quantized too "
+                     "(TensorRT placement measured 0.95x FP32, this one 1.6x+ at AudioLDM-S size)"),
+    Target.ORT_CUDA: (Placement.TENSORRT,
+                      "the CUDA engine dequantizes the weights and computes in FP16, so no activation pattern is "
+                      "needed; the TensorRT placement keeps the export usable by TensorRT too"),
+}
+
+
+#: The serving target of an engine (``--engine``) on a device (``--device``), when ``--target`` is not given.
+ENGINE_TARGET: dict[tuple[str, str], Target] = {
+    ("onnxruntime", "cpu"): Target.ORT_CPU,
+    ("onnxruntime", "cuda"): Target.ORT_CUDA,
+    ("none", "cpu"): Target.ORT_CPU,
+    ("none", "cuda"): Target.ORT_CUDA,
+    ("tensorrt", "cpu"): Target.TENSORRT,
+    ("tensorrt", "cuda"): Target.TENSORRT,
+    ("tensorrt-rtx", "cpu"): Target.TENSORRT_RTX,
+    ("tensorrt-rtx", "cuda"): Target.TENSORRT_RTX,
+}
+
+
+def target_for(engine: str = "onnxruntime", device: str = "cpu") -> Target:
+    """The serving target ``--engine`` on ``--device`` means (:data:`ENGINE_TARGET`)."""
+    try:
+        return ENGINE_TARGET[(str(getattr(engine, "value", engine)), device)]
+    except KeyError:
+        raise InvalidInputError(f"no serving target for --engine {engine!r} on --device {device!r}; "
+                                f"give --target") from None
 
 
 def parse_target(value) -> Target:
@@ -101,9 +184,43 @@ def parse_target(value) -> Target:
             f"invalid --target {value!r}: choose one of {', '.join(t.value for t in Target)}") from None
 
 
+def placement_for(target: Target | str, requested: Placement | str | None = None) -> dict:
+    """The placement an export for ``target`` gets, and why.
+
+    Args:
+        target: Serving target (``--target``).
+        requested: ``--placement`` when given: it wins over the target's.
+
+    Returns:
+        ``{"value", "reason", "source"}`` (``source``: ``--placement`` or ``--target``).
+
+    Raises:
+        InvalidInputError: An unknown target or placement.
+    """
+    target = parse_target(target)
+    if requested is not None:
+        try:
+            placement = Placement(requested)
+        except ValueError:
+            raise InvalidInputError(f"invalid --placement {requested!r}: choose one of "
+                                    f"{', '.join(p.value for p in Placement)}") from None
+        default, _ = TARGET_PLACEMENT[target]
+        why = "given with --placement" + ("" if placement == default else
+                                          f" (--target {target.value} would use {default.value})")
+        return {"value": placement.value, "reason": why, "source": "--placement"}
+    placement, why = TARGET_PLACEMENT[target]
+    return {"value": placement.value, "reason": f"--target {target.value}: {why}", "source": "--target"}
+
+
 def capability(target: Target | str, fmt: str, kind: str) -> Capability:
     """How ``target`` runs a layer of ``kind`` in ``fmt``."""
     return TABLE[parse_target(target)].get((fmt, kind), Capability(None, "not in the capability table"))
+
+
+def quantizes_attention(target: Target | str, placement: Placement | str) -> bool:
+    """Whether the attention products get Q/DQ: the placement adds them and the target has integer kernels
+    for them (elsewhere they would add rounding error and no speed)."""
+    return PLACEMENTS[Placement(placement)].attention and capability(target, "int8", ATTENTION).level == NATIVE
 
 
 def allowed_formats(target: Target | str, kind: str, candidates: Iterable[str]) -> list[str]:
