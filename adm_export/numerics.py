@@ -36,28 +36,3 @@ def run_denoiser(adapter, module, inputs: dict):
     with torch.inference_mode():
         return adapter.export_module(module)(*inputs.values())
 
-
-def set_classic_attention(module) -> int:
-    """Make ``module``'s attention layers compute ``softmax(q k^T * scale) v`` with explicit batched matmuls.
-
-    diffusers' classic ``AttnProcessor`` (``baddbmm`` -> softmax -> ``bmm``) instead of the default
-    ``scaled_dot_product_attention``: the same arithmetic, in the form ModelOpt's attention
-    quantizers intercept (its ``Attention`` wrapper quantizes the inputs of ``torch.baddbmm`` and
-    ``torch.bmm``; the fused SDPA path exports only FP8) and that exports as plain MatMul nodes
-    whose inputs can carry Q/DQ. Modules outside diffusers opt in with a ``classic_attention``
-    attribute. Changes the module in place (callers pass their own copy).
-
-    Returns:
-        The number of attention layers switched.
-    """
-    n = 0
-    if hasattr(module, "set_attn_processor") and hasattr(module, "attn_processors"):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        n += len(module.attn_processors)
-        module.set_attn_processor(AttnProcessor())
-    for m in module.modules():
-        if hasattr(m, "classic_attention"):
-            m.classic_attention = True
-            n += 1
-    return n

@@ -40,8 +40,6 @@ class Placement(str, enum.Enum):
 
 
 NATIVE, EMULATED = "native", "emulated"
-#: Op kind of the attention score and value products (Q·K^T, softmax·V): two activations, no weight.
-ATTENTION = "attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +63,6 @@ def _trt(label: str, fp8_note: str) -> dict:
                                            "with 8-bit activations are a TensorRT-LLM format", "w4a16"),
         ("w4a8", CONV): Capability(None, f"{label} has no INT4 convolution", "int8"),
         ("w4a16", CONV): Capability(None, f"{label} has no INT4 convolution", "fp16"),
-        ("int8", ATTENTION): Capability(NATIVE, "INT8 MatMul from Q/DQ on both inputs (with --placement onnxruntime)"),
     }
 
 
@@ -84,7 +81,6 @@ TABLE: dict[Target, dict[tuple[str, str], Capability]] = {
         ("w4a16", LINEAR): Capability(NATIVE, "blocked INT4 DequantizeLinear -> MatMul fuses to MatMulNBits"),
         ("w4a8", CONV): Capability(EMULATED, "INT4 weights dequantized to float, float Conv"),
         ("w4a16", CONV): Capability(EMULATED, "INT4 weights dequantized to float, float Conv"),
-        ("int8", ATTENTION): Capability(NATIVE, "MatMulIntegerToFloat (UINT8 x UINT8) from DQ on both MatMul inputs"),
     },
     Target.ORT_CUDA: {
         ("fp16", CONV): Capability(NATIVE), ("fp16", LINEAR): Capability(NATIVE),
@@ -98,7 +94,6 @@ TABLE: dict[Target, dict[tuple[str, str], Capability]] = {
                                          "CUDA EP", "int8"),
         ("w4a16", CONV): Capability(None, "blocked INT4 DequantizeLinear feeding Conv is not verified on the "
                                           "CUDA EP", "fp16"),
-        ("int8", ATTENTION): Capability(EMULATED, "Q/DQ then float MatMul"),
     },
 }
 
@@ -109,8 +104,6 @@ class PlacementSpec:
 
     Attributes:
         conv_outputs: Quantize INT8 convolutions' outputs too (DQ -> Conv -> Q).
-        attention: Quantize both inputs of the attention products (Q·K^T, softmax·V) where the
-            attention's projections are INT8.
         unsigned_activations: Store activation Q/DQ as UINT8 (zero point 128): the same values
             as signed symmetric INT8, in the type the target's integer kernels take.
         fold_attention_bias: Drop the exporter's all-zero attention bias (``baddbmm`` with
@@ -120,7 +113,6 @@ class PlacementSpec:
     """
 
     conv_outputs: bool
-    attention: bool
     unsigned_activations: bool
     fold_attention_bias: bool
     note: str
@@ -128,14 +120,17 @@ class PlacementSpec:
 
 PLACEMENTS: dict[Placement, PlacementSpec] = {
     Placement.TENSORRT: PlacementSpec(
-        conv_outputs=False, attention=False, unsigned_activations=False, fold_attention_bias=False,
+        conv_outputs=False, unsigned_activations=False, fold_attention_bias=False,
         note="Q/DQ on each quantized layer's input and weight, signed INT8: the pattern TensorRT fuses into INT8 "
              "kernels (and the FP16 CUDA engine dequantizes)"),
+    # The attention products (Q·K^T, softmax·V) stay float: with Q/DQ on both inputs ONNX Runtime
+    # runs them as MatMulIntegerToFloat, measured no faster than the float MatMul at head dim 32
+    # (the score matrix's memory traffic dominates, not the arithmetic), while their Q/DQ and
+    # the scaling of the scores added ~25 % to the step (benchmarks/RESULTS.md, CPU section).
     Placement.ONNXRUNTIME: PlacementSpec(
-        conv_outputs=True, attention=True, unsigned_activations=True, fold_attention_bias=True,
-        note="ONNX Runtime's CPU provider runs an integer kernel only for DQ -> op -> Q with UINT8 activations "
-             "(QLinearConv) or DQ on both MatMul inputs (MatMulIntegerToFloat): convolution outputs, UINT8 "
-             "activations and the attention products' inputs are quantized"),
+        conv_outputs=True, unsigned_activations=True, fold_attention_bias=True,
+        note="ONNX Runtime's CPU provider runs an integer convolution only for DQ -> Conv -> Q with UINT8 "
+             "activations (QLinearConv); linear layers run as MatMulIntegerToFloat"),
 }
 
 #: The placement each target's kernels need, and why (``--placement`` overrides it).
@@ -215,12 +210,6 @@ def placement_for(target: Target | str, requested: Placement | str | None = None
 def capability(target: Target | str, fmt: str, kind: str) -> Capability:
     """How ``target`` runs a layer of ``kind`` in ``fmt``."""
     return TABLE[parse_target(target)].get((fmt, kind), Capability(None, "not in the capability table"))
-
-
-def quantizes_attention(target: Target | str, placement: Placement | str) -> bool:
-    """Whether the attention products get Q/DQ: the placement adds them and the target has integer kernels
-    for them (elsewhere they would add rounding error and no speed)."""
-    return PLACEMENTS[Placement(placement)].attention and capability(target, "int8", ATTENTION).level == NATIVE
 
 
 def allowed_formats(target: Target | str, kind: str, candidates: Iterable[str]) -> list[str]:

@@ -360,22 +360,13 @@ def quantizer_cfgs(plan: LayerPlan) -> dict[str, dict | None]:
     return {"weight": copy.deepcopy(weight), "input": copy.deepcopy(act)}
 
 
-#: ModelOpt's quantizers of an attention layer's score and value products (its diffusers
-#: ``Attention`` wrapper): Q·K^T's inputs, then softmax·V's inputs. The product's output
-#: (``bmm2_output_quantizer``) stays float: the next layer quantizes it with its own range.
-ATTENTION_QUANTIZERS = ("q_bmm_quantizer", "k_bmm_quantizer", "softmax_quantizer", "v_bmm_quantizer")
-
-
-def compile_quant_cfg(plans: Iterable[LayerPlan], output_quantizers: Iterable[str] = (),
-                      attention: Iterable[str] = ()) -> dict:
+def compile_quant_cfg(plans: Iterable[LayerPlan], output_quantizers: Iterable[str] = ()) -> dict:
     """ModelOpt config for resolved plans: deny all, then one exact entry per quantized layer.
 
     Args:
         plans: Per-layer plans.
         output_quantizers: Layers whose output also gets an INT8 quantizer (ONNX Runtime
             placement: DQ -> Conv -> Q lets ONNX Runtime run an integer kernel).
-        attention: Attention modules whose score and value products get INT8 quantizers on both
-            inputs (ONNX Runtime placement: integer MatMuls); per tensor, max calibration.
     """
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]
     outputs = set(output_quantizers)
@@ -388,9 +379,6 @@ def compile_quant_cfg(plans: Iterable[LayerPlan], output_quantizers: Iterable[st
             entries.append({"quantizer_name": f"{esc}.input_quantizer", "cfg": cfgs["input"]})
         if p.name in outputs:
             entries.append({"quantizer_name": f"{esc}.output_quantizer", "cfg": {"num_bits": 8, "axis": None}})
-    for name in attention:
-        for q in ATTENTION_QUANTIZERS:
-            entries.append({"quantizer_name": f"{_escape(name)}.{q}", "cfg": {"num_bits": 8, "axis": None}})
     return {"quant_cfg": entries, "algorithm": "max"}
 
 

@@ -36,7 +36,7 @@ def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig, pla
     if plans is None:
         plans, _, _ = plan_layers(cfg, adapter)
     placement = resolve_placement(cfg)["value"]
-    return quantize_with_plans(adapter, list(cache.points()), plans, placement, cfg.target)
+    return quantize_with_plans(adapter, list(cache.points()), plans, placement)
 
 
 def resolve_placement(cfg: QuantizeConfig) -> dict:
@@ -59,39 +59,12 @@ def output_quantized_layers(plans, placement) -> list[str]:
     return [p.name for p in plans if p.kind == "conv" and p.format == "int8"]
 
 
-def attention_quantized_modules(model, plans, placement, target) -> list[str]:
-    """Attention layers whose score and value products get INT8 Q/DQ on both inputs.
-
-    Where the placement adds them and the target runs them as integer MatMuls
-    (``formats.capabilities.quantizes_attention``), every diffusers ``Attention`` whose query,
-    key and value projections are INT8 in the plan: an attention a policy keeps in high
-    precision keeps its products in float too.
-    """
-    from adm_export.formats.capabilities import quantizes_attention
-
-    if not quantizes_attention(target, placement):
-        return []
-    from diffusers.models.attention_processor import Attention
-
-    fmt = {p.name: p.format for p in plans}
-    return [name for name, m in model.named_modules()
-            if isinstance(m, Attention) and all(fmt.get(f"{name}.{proj}") == "int8" for proj in ("to_q", "to_k", "to_v"))]
-
-
-def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt", target="tensorrt"):
-    """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``.
-
-    With quantized attention products the copy computes attention with explicit matmuls
-    (``numerics.set_classic_attention``), the form whose inputs ModelOpt's quantizers see.
-    """
+def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"):
+    """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``."""
     from adm_export.formats import policy as pol
-    from adm_export.numerics import set_classic_attention
 
     mtq, _ = import_modelopt()
     model = copy.deepcopy(adapter.denoiser).eval()
-    attention = attention_quantized_modules(model, plans, placement, target)
-    if attention:
-        set_classic_attention(model)
 
     def forward_loop(m):
         wrapped = adapter.export_module(m)
@@ -100,7 +73,7 @@ def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"
 
     import torch
 
-    qcfg = pol.compile_quant_cfg(plans, output_quantized_layers(plans, placement), attention)
+    qcfg = pol.compile_quant_cfg(plans, output_quantized_layers(plans, placement))
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         mtq.quantize(model, qcfg, forward_loop)
     round_high_precision_weights(model)
@@ -202,10 +175,6 @@ def load_quantized(folder: str | Path, adapter, flag: str = "--quantized"):
     check_same_model(manifest, adapter.identity(), flag)
     _, mto = import_modelopt()
     model = copy.deepcopy(adapter.denoiser).eval()
-    if manifest.get("attention_quantized"):
-        from adm_export.numerics import set_classic_attention
-
-        set_classic_attention(model)  # as at quantize time: the attention quantizers sit on its matmuls
     with contextlib.redirect_stdout(io.StringIO()):
         model = mto.restore(model, str(Path(folder) / STATE_FILE))
     return model, manifest

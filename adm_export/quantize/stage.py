@@ -20,8 +20,8 @@ from adm_export.config import QuantizeConfig, to_dict
 from adm_export.formats import recipes
 from adm_export.formats.policy import summary as pol_summary
 from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
-from adm_export.quantize.modelopt import (STAGE, STATE_FILE, attention_quantized_modules, output_quantized_layers,
-                                          plan_layers, quantize_with_plans, quantizer_counts, resolve_placement)
+from adm_export.quantize.modelopt import (STAGE, STATE_FILE, output_quantized_layers, plan_layers,
+                                          quantize_with_plans, quantizer_counts, resolve_placement)
 from adm_export.quantize.search import search_mixed
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
     #    serving target needs (or --placement).
     placement = resolve_placement(cfg)
     logger.info("placement %s (%s)", placement["value"], placement["reason"])
-    model = quantize_with_plans(adapter, list(cache.points()), plans, placement["value"], cfg.target)
-    attention = attention_quantized_modules(adapter.denoiser, plans, placement["value"], cfg.target)
+    model = quantize_with_plans(adapter, list(cache.points()), plans, placement["value"])
     errors = [rel_l2(run_denoiser(adapter, model, p), ref) for p, ref in zip(cache.points(), reference)]
     counts = quantizer_counts(model)
     logger.info("quantized %s: %d weight and %d input quantizers; error vs full precision: mean %.4f, max %.4f",
@@ -97,7 +96,6 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
                 "placement": placement["value"],
                 "placement_choice": placement,
                 "output_quantized": output_quantized_layers(plans, placement["value"]),
-                "attention_quantized": attention,
                 "quantizers": counts,
                 "quant_error_rel_l2": {"per_point": errors, "mean": sum(errors) / len(errors), "max": max(errors)},
                 "calibration_points": len(cache),
