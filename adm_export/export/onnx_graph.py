@@ -501,26 +501,36 @@ def activations_to_uint8(model) -> int:
 
 
 def _all_zero(name: str, inits: dict, prod: dict) -> bool:
-    """Whether tensor ``name`` is a constant zero: a zero initializer or a ``ConstantOfShape`` of zero."""
+    """Whether tensor ``name`` is a constant zero: a zero initializer, a ``ConstantOfShape`` of zero,
+    or a ``Mul`` of such a zero by a finite constant (the exporter's ``empty * beta`` with beta 0)."""
     from onnx import numpy_helper
 
     if name in inits:
         return not np.any(numpy_helper.to_array(inits[name]))
     node = prod.get(name)
-    if node is None or node.op_type != "ConstantOfShape":
+    if node is None:
         return False
-    value = _attr(node, "value")
-    return value is None or not np.any(numpy_helper.to_array(value))
+    if node.op_type == "ConstantOfShape":
+        value = _attr(node, "value")
+        return value is None or not np.any(numpy_helper.to_array(value))
+    if node.op_type == "Mul" and len(node.input) == 2:
+        a, b = node.input
+        finite = lambda n: n in inits and np.all(np.isfinite(numpy_helper.to_array(inits[n])))  # noqa: E731
+        return (_all_zero(a, inits, prod) and (finite(b) or _all_zero(b, inits, prod))) or \
+            (_all_zero(b, inits, prod) and finite(a))
+    return False
 
 
 def fold_zero_attention_bias(model) -> int:
-    """Remove ``Add(x, Mul(zeros, beta))`` where the second term is a constant zero: ``x`` goes on.
+    """Remove ``Add(x, zeros)`` where the second term is a constant zero: ``x`` goes on.
 
     diffusers' classic attention computes the scores as ``baddbmm(empty, q, k^T, beta=0,
     alpha=scale)``, which the TorchScript exporter writes as ``Add(Mul(MatMul(q, k^T), alpha),
     Mul(ConstantOfShape(0), 0))``: a zero tensor the size of the attention scores is made,
     multiplied and added on every call (three passes over B x heads x L x L values on the CPU)
-    to add nothing. A masked attention (a real bias, beta = 1) is left alone.
+    to add nothing (with static shapes, constant folding leaves an all-zero initializer instead).
+    A masked attention (a real bias, beta = 1) is left alone. Broadcasting is safe: the zero term
+    is the size of the scores, never larger than ``x``.
 
     Returns:
         The number of additions removed.
@@ -535,8 +545,7 @@ def fold_zero_attention_bias(model) -> int:
         if node.op_type != "Add" or len(node.input) != 2 or node.output[0] in outputs:
             continue
         for keep, other in ((0, 1), (1, 0)):
-            mul = prod.get(node.input[other])
-            if mul is None or mul.op_type != "Mul" or not any(_all_zero(i, inits, prod) for i in mul.input):
+            if not _all_zero(node.input[other], inits, prod) or _all_zero(node.input[keep], inits, prod):
                 continue
             rename[node.output[0]] = node.input[keep]
             drop.add(id(node))
