@@ -25,6 +25,8 @@ _ADAPTERS = {
 # family -> (module, detector(path) -> bool, loader(path) -> pipeline)
 _FOLDER_FORMATS = {
     "tango": ("adm_export.models.tango", "is_tango_folder", "load_tango_folder"),
+    "make_an_audio": ("adm_export.models.make_an_audio.checkpoint", "is_make_an_audio_folder",
+                      "load_make_an_audio_folder"),
 }
 
 
@@ -121,7 +123,8 @@ def _load_pretrained(model_id: str, revision: str | None):
         if not index.is_file():
             raise ModelNotFoundError(
                 f"--model {model_id!r} is a local path but not a diffusers pipeline folder (no "
-                f"model_index.json); save one with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
+                f"model_index.json) nor a TANGO or Make-An-Audio folder in its published layout (README); save one "
+                f"with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
             )
         class_name = json.loads(index.read_text()).get("_class_name")
     else:
