@@ -213,6 +213,11 @@ def _hparams(config: Mapping[str, Any], source: str):
     hop = 1
     for r in keep["upsample_rates"]:
         hop *= int(r)
+    if int(keep["upsample_initial_channel"]) >> len(keep["upsample_rates"]) < 1 or \
+            len(keep["upsample_rates"]) != len(keep["upsample_kernel_sizes"]):
+        raise ModelNotFoundError(f"BigVGAN config {source}: upsample_initial_channel "
+                                 f"{keep['upsample_initial_channel']} halved at each of {len(keep['upsample_rates'])} "
+                                 f"upsample_rates (one kernel size each) leaves no channel")
     if "hop_size" in keep and int(keep["hop_size"]) != hop:
         raise ModelNotFoundError(f"BigVGAN config {source}: hop_size {keep['hop_size']} != product of "
                                  f"upsample_rates {hop}")
