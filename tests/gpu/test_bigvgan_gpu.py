@@ -40,7 +40,7 @@ def test_tiny_make_an_audio_generates_on_cuda():
 
 def test_bigvgan_on_cuda_equals_cpu_and_its_onnx_runs_on_the_cuda_ep(tmp_path):
     """Same mel through the vocoder on CPU, on CUDA (FP32, TF32 off), and exported through ORT's CUDA EP."""
-    from adm_export.models.embedded import TINY_MAKE_AN_AUDIO_BIGVGAN_CONFIG
+    from adm_export.models.make_an_audio.tiny import TINY_MAKE_AN_AUDIO_BIGVGAN_CONFIG
     from adm_export.models.make_an_audio.vocoder import build_bigvgan
 
     torch.manual_seed(0)

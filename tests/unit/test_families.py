@@ -314,7 +314,7 @@ def test_make_an_audio_unet_has_the_published_parameter_names():
 
 
 def test_make_an_audio_checkpoint_with_public_names_loads_back(tmp_path):
-    from adm_export.models.embedded import (
+    from adm_export.models.make_an_audio.tiny import (
         TINY_MAKE_AN_AUDIO_VAE_DDCONFIG,
         build_tiny_make_an_audio,
         tiny_make_an_audio_config,

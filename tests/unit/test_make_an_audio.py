@@ -121,7 +121,7 @@ def test_bigvgan_vocoder_exports_to_onnx_with_parity(tmp_path):
     dynamic batch and frames, ONNX Runtime CPU equal to torch; no CUDA-kernel activation inside."""
     import onnxruntime as ort
 
-    from adm_export.models.embedded import TINY_MAKE_AN_AUDIO_BIGVGAN_CONFIG
+    from adm_export.models.make_an_audio.tiny import TINY_MAKE_AN_AUDIO_BIGVGAN_CONFIG
     from adm_export.models.make_an_audio.vocoder import build_bigvgan
 
     torch.manual_seed(0)
@@ -186,7 +186,7 @@ def test_tiny_make_an_audio_decodes_with_the_bigvgan_package():
 @pytest.fixture(scope="module")
 def maa_folder(tmp_path_factory):
     """tiny-make-an-audio written as Make-An-Audio's useful_ckpts/ folder; (folder, original pipeline)."""
-    from adm_export.models.embedded import build_tiny_make_an_audio, tiny_make_an_audio_config
+    from adm_export.models.make_an_audio.tiny import build_tiny_make_an_audio, tiny_make_an_audio_config
     from adm_export.models.make_an_audio import save_make_an_audio_folder
 
     pipe = build_tiny_make_an_audio(seed=0)

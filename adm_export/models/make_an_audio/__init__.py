@@ -11,6 +11,7 @@ base, not in diffusers. One module per part:
 * :mod:`.vocoder`: the BigVGAN vocoder through NVIDIA's ``bigvgan`` package (``useful_ckpts/bigvgan``).
 * :mod:`.pipeline`: ``MakeAnAudioPipeline`` (DDIM, CFG against the empty prompt, VAE, vocoder).
 * :mod:`.adapter`: ``MakeAnAudioAdapter``. Quantization, export and engines concern only the U-Net.
+* :mod:`.tiny`: ``tiny-make-an-audio`` (toy widths, seeded weights, a tiny BigVGAN).
 * :mod:`.checkpoint`: ``maa1_full.ckpt`` + vocoder folder -> pipeline, the ``--model DIR`` folder
   layout, and writing both back. The VAE (``first_stage_model.*``) maps onto diffusers'
   ``AutoencoderKL`` through :mod:`adm_export.models.ldm_vae`.
