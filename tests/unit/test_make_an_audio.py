@@ -186,8 +186,8 @@ def test_tiny_make_an_audio_decodes_with_the_bigvgan_package():
 @pytest.fixture(scope="module")
 def maa_folder(tmp_path_factory):
     """tiny-make-an-audio written as Make-An-Audio's useful_ckpts/ folder; (folder, original pipeline)."""
-    from adm_export.models.make_an_audio.tiny import build_tiny_make_an_audio, tiny_make_an_audio_config
     from adm_export.models.make_an_audio import save_make_an_audio_folder
+    from adm_export.models.make_an_audio.tiny import build_tiny_make_an_audio, tiny_make_an_audio_config
 
     pipe = build_tiny_make_an_audio(seed=0)
     folder = save_make_an_audio_folder(pipe, tmp_path_factory.mktemp("maa") / "useful_ckpts",

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from adm_export.models.base import ModelAdapter, TensorSpec
 from adm_export.models.conditioning import TextCondSpec, call_arg, timestep_rows

@@ -12,8 +12,9 @@ guidance against the empty prompt (scale 3 by default).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from adm_export.errors import ModelNotFoundError
 

@@ -7,7 +7,7 @@ Written from the public code's layout with the same parameter names, so the
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
