@@ -18,6 +18,23 @@ TINY_ARGS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _adm_export_logs_reach_caplog():
+    """Undo the CLI's logging setup after each test.
+
+    ``adm-export`` gives the ``adm_export`` logger its own handler and turns propagation off; after
+    any in-process CLI test, records no longer reach the root logger where ``caplog`` listens, and
+    caplog-based tests that run later (test_fd, test_progress, test_tensorrt) failed in a full run.
+    """
+    yield
+    import logging
+
+    root = logging.getLogger("adm_export")
+    root.handlers[:] = []
+    root.propagate = True
+    root.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
     """Run ``adm-export build`` on tiny-audioldm through the CLI; returns (out_dir, result, report)."""
@@ -37,3 +54,27 @@ def tiny_adapter():
     from adm_export.models import load_model
 
     return load_model("tiny-audioldm")
+
+
+@pytest.fixture(autouse=True)
+def _default_package_logger():
+    """Give every test the ``adm_export`` logger in its default state (no handler, propagating).
+
+    An in-process CLI run (``cli._setup_logging``, also inside session fixtures such as
+    :func:`tiny_build`) gives that logger its own handler and ``propagate = False``: right for a
+    CLI process, but inside the test session it hid every later record from pytest's ``caplog``
+    (which listens on the root logger), so tests asserting on log lines failed whenever a CLI test
+    had run before them. Reset after the wider-scoped fixtures are set up and again afterwards.
+    """
+    import logging
+
+    logger = logging.getLogger("adm_export")
+
+    def reset() -> None:
+        logger.handlers[:] = []
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+    reset()
+    yield
+    reset()
