@@ -18,23 +18,6 @@ TINY_ARGS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _adm_export_logs_reach_caplog():
-    """Undo the CLI's logging setup after each test.
-
-    ``adm-export`` gives the ``adm_export`` logger its own handler and turns propagation off; after
-    any in-process CLI test, records no longer reach the root logger where ``caplog`` listens, and
-    caplog-based tests that run later (test_fd, test_progress, test_tensorrt) failed in a full run.
-    """
-    yield
-    import logging
-
-    root = logging.getLogger("adm_export")
-    root.handlers[:] = []
-    root.propagate = True
-    root.setLevel(logging.NOTSET)
-
-
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
     """Run ``adm-export build`` on tiny-audioldm through the CLI; returns (out_dir, result, report)."""

@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("adm_export.engines",)),
     ("eval", ("adm_export.eval",)),
     ("runtime", ("adm_export.runtime",)),
-    ("stages", ("adm_export.build", "adm_export.serve", "adm_export.stages", "adm_export.inspect",
+    ("stages", ("adm_export.build", "adm_export.bundle", "adm_export.serve", "adm_export.stages", "adm_export.inspect",
                 "adm_export.ci_gate", "adm_export.reference")),
     ("cli", ("adm_export.cli", "adm_export.__main__")),
 ]
