@@ -383,8 +383,8 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
     with distributed.shard_area(out), distributed.main_output(out) as rank_out:
         manifest = run(cfg, calibration, rank_out, force=force, model_id=model)
     err = manifest["quant_error_rel_l2"]
-    click.echo(f"quantized ({precision}): {manifest['quantizers']['weight']} layers; error vs full precision "
-               f"mean {err['mean']:.2e}, max {err['max']:.2e} -> {out}")
+    click.echo(f"quantized ({precision}, placement {manifest['placement']}): {manifest['quantizers']['weight']} "
+               f"layers; error vs full precision mean {err['mean']:.2e}, max {err['max']:.2e} -> {out}")
 
 
 @cli.command("export")
@@ -452,6 +452,10 @@ def engine(onnx_dir, out, force, backend, device, threads):
     for name, e in manifest["report"]["engines"].items():
         if e.get("built", True):
             click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
+            vs = e.get("vs_fp32")
+            if vs:
+                click.echo(f"{name}: {vs['speedup_vs_fp32']:.2f}x FP32 on this CPU ({vs['engine']['median_ms']:.1f} vs "
+                           f"{vs['fp32_reference']['median_ms']:.1f} ms per denoiser call)")
         else:
             click.echo(f"{name}: not built ({e.get('reason')})")
     click.echo(f"engines -> {out}")

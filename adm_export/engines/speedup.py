@@ -64,8 +64,9 @@ def fp32_reference_graph(model) -> dict:
         keep.append(node)
     for node in keep:
         for k, name in enumerate(node.input):
-            if name in rename:
-                node.input[k] = rename[name]
+            while name in rename:  # back-to-back pairs (an output Q/DQ, then the next layer's input Q/DQ)
+                name = rename[name]
+            node.input[k] = name
     for out in graph.output:  # pragma: no cover - a Q/DQ pair is never the graph's output
         if out.name in rename:
             raise RuntimeError(f"graph output {out.name!r} is a DequantizeLinear output")

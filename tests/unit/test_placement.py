@@ -216,3 +216,25 @@ def test_fp32_reference_is_the_export_without_quantization(tiny_build, tiny_adap
     int8 = torch.from_numpy(_session(export).run(None, feed)[0])
     # Weight rounding alone moves the output less than weights + activations (W8A8) do.
     assert 0 < rel_l2(fp32, full) < rel_l2(int8, full)
+
+
+def test_fp32_reference_undoes_back_to_back_qdq_pairs():
+    """A layer's output Q/DQ followed directly by the next layer's input Q/DQ (chained pairs)."""
+    from adm_export.engines.speedup import fp32_reference_graph
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (8, 4)).astype(np.int8)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "s1"), numpy_helper.from_array(np.array(128, np.uint8), "z1"),
+             numpy_helper.from_array(np.array(0.02, np.float32), "s2"), numpy_helper.from_array(np.array(128, np.uint8), "z2"),
+             numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(np.full(4, 0.01, np.float32), "w_s")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["a"]), helper.make_node("DequantizeLinear", ["a", "s1", "z1"], ["b"]),
+             helper.make_node("QuantizeLinear", ["b", "s2", "z2"], ["c"]), helper.make_node("DequantizeLinear", ["c", "s2", "z2"], ["d"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s"], ["w"], axis=1), helper.make_node("MatMul", ["d", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert fp32_reference_graph(model) == {"weights_dequantized": 1, "activation_qdq_dropped": 2}
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    np.testing.assert_allclose(_session(model).run(None, {"x": x})[0], x @ (w.astype(np.float32) * 0.01), rtol=1e-5)
