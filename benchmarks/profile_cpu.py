@@ -11,8 +11,9 @@ attention MatMuls are told apart by having no weight initializer (both inputs ar
     python benchmarks/profile_cpu.py /tmp/bench/audioldm-s/fp32/unet.onnx /tmp/bench/audioldm-s/int8_ort/onnx/unet.onnx \
         --size audioldm-s --threads 2 --out benchmarks/results/profile_cpu.json
 
-The spec (input names and shapes) comes from ``--size`` (``embedded``: tiny-audioldm / the
-reference model's structure; ``audioldm-s``: the 185 M U-Net), batch 2, ``--seconds`` of audio.
+The spec (input names and shapes) comes from ``--size`` (``reference``: reference-audioldm, the
+embedded default model; ``embedded``: tiny-audioldm; ``audioldm-s``: the 185 M U-Net), batch 2,
+``--seconds`` of audio.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("onnx", nargs="+", type=Path, help="ONNX files (label=path to name a row).")
     p.add_argument("--labels", nargs="*", default=None, help="One label per file.")
-    p.add_argument("--size", choices=["embedded", "audioldm-s"], default="audioldm-s")
+    p.add_argument("--size", choices=["reference", "embedded", "audioldm-s"], default="audioldm-s")
     p.add_argument("--seconds", type=float, default=10.24)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -62,10 +63,10 @@ def parse_args(argv=None):
 
 
 def spec_for(size: str):
-    if size == "embedded":
+    if size in ("embedded", "reference"):
         from adm_export.models import load_model
 
-        return load_model("tiny-audioldm").denoiser_spec()
+        return load_model("tiny-audioldm" if size == "embedded" else "reference-audioldm").denoiser_spec()
     return sc.make_adapter(sc.build_pipeline("audioldm-s"), sc.MODEL_ID).denoiser_spec()
 
 

@@ -120,6 +120,8 @@ def quant(precisions: list[str], num_clips: int, workdir: Path, on_row=None) -> 
         rep_path = out / "report.json"
         if not rep_path.exists():
             rows[prec] = {"exit_code": proc.returncode, "seconds": round(secs, 1), "error": proc.stderr[-800:]}
+            if on_row is not None:
+                on_row(rows)
             continue
         rep = json.loads(rep_path.read_text())
         ev, size = rep.get("eval", {}), rep.get("size", {})
@@ -202,8 +204,8 @@ def main() -> None:
     if not a.skip_quality:
         res["quality"] = quality(a.clips, a.steps, a.batch)
     def save(quant_rows=None):
-        if quant_rows is not None:
-            res["quant"] = dict(quant_rows)
+        if quant_rows is not None:  # rows of earlier runs with other labels are kept
+            res["quant"] = {**res.get("quant", {}), **quant_rows}
             res["quant_clips"] = a.quant_clips
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1))

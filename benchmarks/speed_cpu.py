@@ -19,8 +19,10 @@ trained weights), ``embedded`` (``tiny-audioldm``, same structure, random weight
   UINT8 activations, outputs quantized too) on the FP32 export, as a reference.
 
 Every row of a size is timed round-robin (one call of each per round) so that the other users of
-this shared CPU slow them alike; CPU contention is recorded with every row (load averages and
-the busiest processes).
+this shared CPU slow them alike; each row reports the median of its calls, the ratio of the
+medians to ONNX Runtime FP32 and, more robust under load, the median over rounds of the paired
+ratio (FP32's call / the row's call of the same round). CPU contention is recorded with every
+row (load averages and the busiest processes).
 
     python benchmarks/speed_cpu.py --out benchmarks/results --workdir /tmp/adm-cpu-bench
 """
@@ -31,6 +33,7 @@ import argparse
 import gc
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -49,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--seconds", type=float, default=10.24)
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, nargs="+", default=[2, 1],
+                   help="Intra-op thread counts; every count times every row of a size in its own round-robin.")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--reuse", action="store_true", help="Reuse exports already in --workdir.")
@@ -171,7 +175,7 @@ def ort_native_qdq(fp32: Path, out: Path, calibration: Path, adapter) -> None:
                     op_types_to_quantize=["Conv", "MatMul", "Gemm"], extra_options={"ActivationSymmetric": False})
 
 
-def measure(size: str, adapter, info: dict, args, results: dict) -> None:
+def measure(size: str, adapter, info: dict, args, results: dict, threads: int) -> None:
     import torch
 
     from adm_export.engines.onnxruntime import OrtEngine, OrtOptions
@@ -181,7 +185,7 @@ def measure(size: str, adapter, info: dict, args, results: dict) -> None:
     spec = adapter.denoiser_spec()
     frames = spec.frames_for_seconds(args.seconds)
     x = spec.dummy_inputs(args.batch, frames, seed=1)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
     module = adapter.export_module(adapter.denoiser).eval()
     rows = results["rows"]
     with torch.inference_mode():
@@ -201,9 +205,9 @@ def measure(size: str, adapter, info: dict, args, results: dict) -> None:
         path = Path(path)
         if not path.is_file():
             continue
-        engine = OrtEngine(path, spec, OrtOptions(provider="cpu", threads=args.threads))
+        engine = OrtEngine(path, spec, OrtOptions(provider="cpu", threads=threads))
         engines.append(engine)
-        extra = {"kernels": ort_layer_precisions(path, "cpu", args.threads)["layer_precisions"],
+        extra = {"kernels": ort_layer_precisions(path, "cpu", threads)["layer_precisions"],
                  "file_mb": round(sum(p.stat().st_size for p in path.parent.glob("unet.onnx*")) / 1e6, 1)}
         paths[label] = ((lambda e=engine: e(x)), engine(x), extra)
     load_before = sc.cpu_load()["loadavg_1_5_15"]
@@ -217,25 +221,26 @@ def measure(size: str, adapter, info: dict, args, results: dict) -> None:
                 t0 = time.perf_counter()
                 fn()
                 times[label].append((time.perf_counter() - t0) * 1000)
-            log.info("%s round %d/%d: %s", size, i + 1, args.iters,
+            log.info("%s, %d threads, round %d/%d: %s", size, threads, i + 1, args.iters,
                      {k: round(v[-1], 1) for k, v in times.items()})
     load_after = sc.cpu_load()
-    fp32_ms = None
+    fp32 = "ONNX Runtime FP32"
+    fp32_ms = sc._summary(times[fp32])["median_ms"] if fp32 in times else None
     for label, (_, out, extra) in paths.items():
         timing = sc._summary(times[label])
         r = {"size": size, "params_m": round(params / 1e6, 1), "path": label, "batch": args.batch, "frames": frames,
-             "threads": args.threads, **timing, **extra, "rel_l2_vs_torch_fp32": round(rel_l2(out.float(), ref), 5),
+             "threads": threads, **timing, **extra, "rel_l2_vs_torch_fp32": round(rel_l2(out.float(), ref), 5),
              "load_before": load_before, "load_after": load_after["loadavg_1_5_15"],
              "busiest_processes_after": load_after["top_processes"]}
-        if label == "ONNX Runtime FP32":
-            fp32_ms = timing["median_ms"]
+        if fp32_ms:
+            r["speedup_vs_ort_fp32"] = round(fp32_ms / timing["median_ms"], 2)
+            # Same-round pairs: a burst of load on the shared CPU slows both calls of a round.
+            paired = [f / t for f, t in zip(times[fp32], times[label])]
+            r["speedup_paired_median"] = round(statistics.median(paired), 2)
+            r["speedup_paired_min_max"] = [round(min(paired), 2), round(max(paired), 2)]
         rows.append(r)
-    for r in rows:
-        if r["size"] == size and fp32_ms:
-            r["speedup_vs_ort_fp32"] = round(fp32_ms / r["median_ms"], 2)
-        if r["size"] == size:
-            log.info("%-10s %-44s %8.1f ms (min %.1f)  x%.2f vs ORT FP32", size, r["path"], r["median_ms"],
-                     r["min_ms"], r.get("speedup_vs_ort_fp32") or 0)
+        log.info("%-10s %d thr %-60s %8.1f ms (min %.1f)  x%.2f vs ORT FP32 (paired x%.2f)", size, threads, label,
+                 r["median_ms"], r["min_ms"], r.get("speedup_vs_ort_fp32") or 0, r.get("speedup_paired_median") or 0)
     sc.write_json(args.out / "speed_cpu.json", results)
     del engines
     gc.collect()
@@ -257,13 +262,15 @@ def main(argv=None) -> int:
         results["prepare"][size] = prepare(size, adapter, args)
         sc.write_json(args.out / "speed_cpu.json", results)
         if not args.prepare_only:
-            measure(size, adapter, results["prepare"][size], args, results)
+            for threads in args.threads:
+                measure(size, adapter, results["prepare"][size], args, results, threads)
         del adapter
         gc.collect()
     results["load_at_end"] = sc.cpu_load()
     sc.write_json(args.out / "speed_cpu.json", results)
-    cols = [("size", "model"), ("params_m", "params (M)"), ("path", "path"), ("median_ms", "median ms"),
-            ("min_ms", "min ms"), ("speedup_vs_ort_fp32", "x ORT FP32"), ("rel_l2_vs_torch_fp32", "rel. L2 vs torch"),
+    cols = [("size", "model"), ("params_m", "params (M)"), ("path", "path"), ("threads", "threads"),
+            ("median_ms", "median ms"), ("min_ms", "min ms"), ("speedup_vs_ort_fp32", "x ORT FP32 (medians)"),
+            ("speedup_paired_median", "x ORT FP32 (paired)"), ("rel_l2_vs_torch_fp32", "rel. L2 vs torch"),
             ("kernels", "compute ops"), ("file_mb", "file MB"), ("load_after", "load avg after")]
     print(sc.format_table(results["rows"], cols))
     return 0
