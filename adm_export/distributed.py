@@ -399,7 +399,10 @@ def check_nproc(nproc: int, device: str) -> None:
     if device == "cuda":
         import torch
 
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        from adm_export.devices import check_device
+
+        check_device(device)  # no GPU at all: say so, not "needs 1 GPUs"
+        gpus = torch.cuda.device_count()
         if nproc > gpus:
             raise InvalidInputError(f"--nproc {nproc} needs {nproc} GPUs but {gpus} are visible; "
                                     f"use --nproc {max(gpus, 1)} or fewer")

@@ -19,6 +19,7 @@ from pathlib import Path
 from adm_export.artifacts import atomic_dir, check_same_model, manifest_digest, read_manifest, write_manifest
 from adm_export.calibration.cache import CalibrationCache, load_cache
 from adm_export.config import QuantizeConfig, to_dict
+from adm_export.devices import exact_float32
 from adm_export.errors import InvalidInputError, require
 from adm_export.export import recipes
 from adm_export.export.policy import summary as pol_summary
@@ -41,18 +42,27 @@ def _mtq():
 
 
 def rel_l2(a, b) -> float:
-    """Relative L2 error ``||a - b|| / ||b||`` (float64)."""
-    a = a.detach().double()
-    b = b.detach().double()
+    """Relative L2 error ``||a - b|| / ||b||`` (float64, on the CPU: ``a`` and ``b`` may live on
+    different devices, e.g. an ONNX Runtime output on the host against a torch output on the GPU)."""
+    import torch
+
+    a = a.detach().to("cpu", torch.float64)
+    b = b.detach().to("cpu", torch.float64)
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run_denoiser(adapter, module, inputs: dict):
-    """One denoiser call on named inputs (spec order), returning the output tensor."""
+    """One denoiser call on named inputs (spec order), returning the output tensor.
+
+    The inputs (typically cached on the CPU) are moved to the module's device and dtype first
+    (:func:`adm_export.devices.to_module`); the output stays on the module's device.
+    """
     import torch
 
+    from adm_export.devices import to_module
+
     with torch.inference_mode():
-        return adapter.export_module(module)(*inputs.values())
+        return adapter.export_module(module)(*to_module(inputs, module).values())
 
 
 def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig, plans=None):
@@ -84,6 +94,7 @@ def output_quantized_layers(plans, placement) -> list[str]:
 
 def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"):
     """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``."""
+    from adm_export.devices import to_module
     from adm_export.export import policy as pol
 
     mtq, _ = _mtq()
@@ -92,7 +103,7 @@ def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"
     def forward_loop(m):
         wrapped = adapter.export_module(m)
         for inputs in progress(points, desc="quantize: calibrating", unit="point"):
-            wrapped(*inputs.values())
+            wrapped(*to_module(inputs, m).values())
 
     import torch
 
@@ -321,6 +332,7 @@ def quantizer_counts(model) -> dict:
     return counts
 
 
+@exact_float32()  # quantization errors and sensitivities are ~1e-2: no TF32 noise in them
 def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, force: bool = False,
              adapter=None, model_id: str | None = None) -> dict:
     """Run the ``quantize`` stage.
