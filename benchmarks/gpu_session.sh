@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU session for issue 14: the acceptance suite with its result file, then the benchmarks.
+# One PART per device command (each stays under the 10-minute limit); all output lands flat in $OUT.
+# It installs nothing: install the wheels first (../shared/device/README.md), so that
+# `python3 -c "import onnxruntime as o; print(o.get_available_providers())"` lists CUDAExecutionProvider.
+#
+#   ADM_COMMIT=<git rev-parse HEAD> bash benchmarks/gpu_session.sh PART
+#
+# PART (expected time on one H200; run them in this order on one warm machine, so later parts reuse
+# the folders earlier ones left in $ADM_GPU_WORKDIR, default /tmp/adm-gpu):
+#   suite-flow   tests/gpu/test_flow_gpu.py: build + every stage alone at AudioLDM-S size    ~7-8 min
+#   suite-rest   the rest of tests/gpu: families, engine option matrix, engine parity tests  ~5-6 min
+#   prepare      the race's engines, if suite-flow did not run on this machine (else ~20 s)  ~5 min
+#   race         U-Net step latency: engines vs torch eager / torch.compile, batch 1/2/8      ~5-7 min
+#   e2e          adm-export generate per clip, 4 and 64 clips, engines vs the torch pipeline  ~4-6 min
+#   smoke        the CPU checks of the suite and the benchmark script (no GPU needed)          ~3 min
+#
+# Files in $OUT: gpu_suite_<part>.json/.md (tests/gpu/report.py; merge the parts with
+# `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
+# speed_gpu_<phase>.json, and <part>.log (the whole console output).
+set -uo pipefail
+part=${1:?usage: gpu_session.sh suite-flow|suite-rest|prepare|race|e2e|smoke}
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+out=${OUT:-$here/gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 ADM_EXPORT_NO_PROGRESS=1
+export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+export ADM_GPU_WORKDIR=${ADM_GPU_WORKDIR:-/tmp/adm-gpu}
+# The device copy of the tree is not a git checkout: the report takes the commit from here.
+export ADM_COMMIT=${ADM_COMMIT:-unknown}
+py=${PYTHON:-python3}
+log="$out/$part.log"
+
+# SIGINT (not TERM) at the deadline: pytest then still writes its report, the benchmark its JSON.
+status=0
+run() { timeout -s INT -k 20 "$1" "${@:2}" 2>&1 | tee -a "$log" || status=$?; }
+
+{ echo "part $part · $(date -u '+%F %T UTC') · commit $ADM_COMMIT"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } | tee "$log"
+case "$part" in
+  suite-flow)
+    run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py --gpu-report "$out/gpu_suite_flow" ;;
+  suite-rest)
+    run 575 "$py" -m pytest -q -rA tests/gpu --ignore tests/gpu/test_flow_gpu.py --gpu-report "$out/gpu_suite_rest" ;;
+  prepare)
+    run 575 "$py" benchmarks/speed_gpu.py --phase prepare --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 540 ;;
+  race)
+    run 575 "$py" benchmarks/speed_gpu.py --phase race --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 480 ;;
+  e2e)
+    run 575 "$py" benchmarks/speed_gpu.py --phase e2e --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 480 ;;
+  smoke)
+    ADM_GPU_SUITE_DRY_RUN=cpu ADM_GPU_WORKDIR=/tmp/adm-smoke run 575 "$py" -m pytest -q -x tests/gpu/test_families_gpu.py \
+      -k tiny-audioldm --gpu-report "$out/gpu_suite_smoke"
+    run 575 "$py" benchmarks/speed_gpu.py --smoke --device cpu --workdir /tmp/adm-smoke --out "$out" ;;
+  *) echo "unknown part $part" >&2; exit 2 ;;
+esac
+echo "part $part done: exit $status · $(date -u '+%T UTC')" | tee -a "$log"
+exit "$status"
