@@ -203,7 +203,6 @@ class Race:
                 if name == "eager32":
                     self.reference[b] = out.float().cpu()
                 self.row(label, b, self.timer(lambda: module(*x.values())), out)
-        del unet, module
 
     def compile_rows(self):
         import torch
@@ -222,7 +221,6 @@ class Race:
                 startup = time.perf_counter() - t0
                 self.row("torch.compile FP16 reduce-overhead", b, self.timer(lambda: compiled(*x.values())), out,
                          startup_s=round(startup, 1))
-        del compiled, unet
         torch._dynamo.reset()
 
     def engine_rows(self, key: str, graph: bool):
@@ -252,7 +250,6 @@ class Race:
             startup = time.perf_counter() - t0 + session_s  # session (per shape with graphs), search, capture
             session_s = 0.0
             self.row(label, b, self.timer(lambda: engine(x)), out, startup_s=round(startup, 2))
-        del engine, denoiser
 
     def run(self):
         import torch
@@ -303,6 +300,9 @@ def summarize_race(results: dict, batches) -> None:
 
 
 # -- e2e: generate as a user runs it ---------------------------------------------------------------------
+E2E_NAMES = {"torch": "torch pipeline (no engine)", "fp16": "fused FP16 engine", "int8": "INT8 build's engine"}
+
+
 def e2e(args, results: dict, paths: dict) -> None:
     from adm_export.calibration.prompts import builtin_captions
 
@@ -317,15 +317,15 @@ def e2e(args, results: dict, paths: dict) -> None:
         for key in ("torch", "fp16", "int8"):
             if key in args.skip or (key != "torch" and key not in paths):
                 continue
-            name = {"torch": "torch pipeline (no engine)", "fp16": "fused FP16 engine", "int8": "INT8 build's engine"}[key]
+            name = E2E_NAMES[key]
             if time.perf_counter() - t_start > args.time_budget:
                 runs.append({"denoiser": name, "clips": n, "skipped": "time budget"})
                 continue
             out = args.workdir / "bench" / f"gen-{key}-{n}"
             src = ["--model", paths["model"]] if key == "torch" else ["--engine", paths[key], *flags]
             try:
-                run = adm(args, "generate", *src, "--prompts", prompts, "--seconds", args.seconds, "--steps", args.steps,
-                          "--batch-size", args.batch_size, "--device", args.device, "--out", out, "--force")
+                run = adm(args, "generate", *src, "--prompts", prompts, "--seconds", args.seconds, "--steps",
+                          args.steps, "--batch-size", args.batch_size, "--device", args.device, "--out", out, "--force")
                 record = json.loads((out / "generate.json").read_text())
                 runs.append({"denoiser": name, "clips": n, "flags": "" if key == "torch" else args.engine_flags,
                              "seconds_per_clip": record["seconds_per_clip"],
@@ -380,7 +380,8 @@ def main(argv=None) -> int:
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU; use --smoke --device cpu to check the script", file=sys.stderr)
+        print("error: --device cuda but torch sees no GPU; use --smoke --device cpu to check the script",
+              file=sys.stderr)
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     args.workdir.mkdir(parents=True, exist_ok=True)

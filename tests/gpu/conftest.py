@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 DRY_RUN = os.environ.get("ADM_GPU_SUITE_DRY_RUN") == "cpu"
 #: ``--device`` of every command (``cpu`` only in the dry run).
 DEVICE = "cpu" if DRY_RUN else "cuda"
+#: Extra ``build`` settings of the dry run: fewer prompts, steps and clips (the CPU is slow).
+DRY_BUILD = ["--num-prompts", 2, "--steps", 2, "--points", 2, "--num-clips", 2, "--eval-steps", 2] if DRY_RUN else []
 
 
 def cuda_only(what: str) -> None:
@@ -86,7 +88,8 @@ def cli(*args, expect: int | None = 0):
 
     result = CliRunner().invoke(group, [*map(str, args)])
     if expect is not None:
-        assert result.exit_code == expect, f"adm-export {' '.join(map(str, args))} -> {result.exit_code}\n{_output(result)}"
+        command = " ".join(map(str, args))
+        assert result.exit_code == expect, f"adm-export {command} -> {result.exit_code}\n{_output(result)}"
     return result
 
 
@@ -135,7 +138,7 @@ def fusions(engines: Path) -> dict | None:
     if DRY_RUN:
         return None
     layers = read_json(Path(engines) / "onnxruntime" / "layers.json")
-    assert "fusions" in layers, f"{engines}/onnxruntime/layers.json has no 'fusions': not the CUDA engine ({list(layers)})"
+    assert "fusions" in layers, f"{engines}/onnxruntime/layers.json has no 'fusions' ({list(layers)}): no CUDA engine"
     return layers["fusions"]
 
 

@@ -179,7 +179,8 @@ def markdown(result: dict) -> str:
         if t.get("message"):
             notes.append(t["message"].replace("|", "\\|"))
         for k, val in (t.get("properties") or {}).items():
-            notes.append(f"{k}: {json.dumps(val, default=str) if not isinstance(val, str) else val}".replace("|", "\\|"))
+            text = val if isinstance(val, str) else json.dumps(val, default=str)
+            notes.append(f"{k}: {text}".replace("|", "\\|"))
         name = t["test"].replace("|", "\\|")
         lines.append(f"| `{name}` | {t['outcome']} | {t['seconds']:.1f} | {'; '.join(notes)} |")
     return "\n".join(lines) + "\n"

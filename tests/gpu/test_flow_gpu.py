@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.gpu.conftest import DEVICE, cli, cli_subprocess, cuda_only, fused_total, fusions, read_json, rel_l2, wavs
+from tests.gpu.conftest import (DEVICE, DRY_BUILD, cli, cli_subprocess, cuda_only, fused_total, fusions, read_json,
+                               rel_l2, wavs)
 from tests.helpers import REPORT_KEYS, get_key
 
 SECONDS = 10.24  # AudioLDM-S's clip length: the 8x256x16 latent
@@ -37,7 +38,8 @@ def _prompt_args(n):
 @pytest.fixture(scope="module")
 def build_dir(audioldm_s_dir, gpu_workdir):
     out = gpu_workdir / "build-s"
-    proc = cli_subprocess("build", "--model", audioldm_s_dir, "--device", DEVICE, "--out", out, "--force", *GATE_OFF)
+    proc = cli_subprocess("build", "--model", audioldm_s_dir, "--device", DEVICE, "--out", out, "--force", *GATE_OFF,
+                          *DRY_BUILD)
     return out, proc
 
 
