@@ -15,14 +15,16 @@ to the latents), too little to tell a broken engine from a working one. For each
   clips of another seed differ by 2.6 / 4.4. The bounds below sit a few times above what a
   working engine gives and far below an unrelated result;
 * every combination of ``--io-binding/--no-io-binding``, ``--cuda-graph/--no-cuda-graph`` and
-  ``--prefer-nhwc`` (all 8 on FP16 and INT8, two on the others) either works, giving the clips of
-  the default options up to FP16 kernel rounding (a 1e-3 relative change of every U-Net output moves
-  these clips by ~0.02), or is refused with one ``error:`` line before any work;
-* ``--ort-provider tensorrt`` (listed by onnxruntime-gpu, no TensorRT libraries on the test
-  machine) is refused with one line, or works where TensorRT is installed.
+  ``--prefer-nhwc`` (all 8 on INT8, whose ``--cuda-graph --prefer-nhwc`` crashed in issue 14; the
+  fastest and the plainest on the others) either works, giving the clips of the default options up
+  to FP16 kernel rounding (a 1e-3 relative change of every U-Net output moves these clips by
+  ~0.02), or is refused with one ``error:`` line before any work.
 
-Engine-level parity (one U-Net call, every engine against torch on the same input) is
-``tests/gpu/test_cuda_engine.py``. About 2 minutes on an H200.
+``tests/gpu/test_cuda_engine.py`` has the engine-level side: every family's FP16 and INT8 engine
+(exported on the CPU) checked against its FP32 reference on the GPU, the option matrix on the tiny
+INT8 engine, the one-line refusals (``--ort-provider tensorrt`` without TensorRT's libraries, a CPU
+engine on ``--device cuda``) and ``eval`` serving like ``generate``. Here every quantized build runs
+its torch stages on the GPU. About 3 minutes on an H200.
 """
 
 from __future__ import annotations
@@ -142,8 +144,8 @@ def test_engine_matches_torch(precision, built, default_clips, torch_clips, gpu_
 
 def _combos(precision):
     full = itertools.product((True, False), (True, False), (False, True))
-    fast = [(True, True, True), (True, False, False)]
-    return [(precision, *c) for c in (full if precision in ("fp16", "int8") else fast)]
+    fast = [(True, True, True), (False, False, False)]
+    return [(precision, *c) for c in (full if precision == "int8" else fast)]
 
 
 @pytest.mark.parametrize("precision,io,graph,nhwc", [c for p in ("fp16", "int8", "fp8", "w4a8", "mixed")
@@ -165,17 +167,3 @@ def test_option_combination_works_or_is_refused(precision, io, graph, nhwc, buil
     record_property("wav_rel_l2_vs_default_options", [round(e, 5) for e in errs])
     assert max(errs) < OPTION_PARITY, errs
     assert read_json(out / "generate.json")["engine"]["ort_options"]["cuda_graph"] is graph
-
-
-def test_tensorrt_provider_is_refused_in_one_line_or_runs(built, gpu_workdir, record_property):
-    cuda_only("--ort-provider tensorrt")
-    out = gpu_workdir / "matrix" / "clips-fp16-tensorrt"
-    result = cli("--quiet", "generate", "--engine", built("fp16"), "--out", out, *GEN, "--ort-provider", "tensorrt",
-                 expect=None)
-    if result.exit_code == 0:
-        record_property("tensorrt", "ran")
-        wavs(out, 2, SECONDS)
-    else:
-        assert result.exit_code == 1
-        record_property("tensorrt", one_error_line(result))
-        assert not out.exists()
