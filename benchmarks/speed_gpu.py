@@ -366,7 +366,11 @@ def tables(phase: str, results: dict) -> str:
             ("denoiser", "denoiser"), ("clips", "clips"), ("flags", "flags"), ("seconds_per_clip", "s per clip"),
             ("speedup_vs_torch_pipeline", "× torch pipeline"), ("startup_s", "start-up s"),
             ("sampling_s", "sampling s"), ("process_wall_s", "process wall s"), ("skipped", "note")])
-    return json.dumps(results.get("prepare", {}), indent=1, default=str)[:3000]
+    rows = [{"engine": k, "made_by": v.get("made_by"), "seconds": sum(r["seconds"] for r in v.get("runs", [])) or None,
+             "precision": v.get("precision"), "fusions": json.dumps(v.get("fusions"))}
+            for k, v in results.get("prepare", {}).items() if isinstance(v, dict) and "engines" in v]
+    return sc.format_table(rows, [("engine", "engine"), ("precision", "precision"), ("made_by", "made by"),
+                                  ("seconds", "seconds"), ("fusions", "fused ops")])
 
 
 def main(argv=None) -> int:
