@@ -180,7 +180,7 @@ class Race:
         return sc.cpu_time(fn, self.args.warmup, self.args.iters)
 
     def row(self, path: str, batch: int, timing: dict | None, out=None, **extra):
-        from adm_export.export.quantize import rel_l2
+        from adm_export.numerics import rel_l2
 
         r = {"path": path, "batch": batch, **(timing or {}), **extra}
         if out is not None and batch in self.reference:

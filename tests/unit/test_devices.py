@@ -40,7 +40,7 @@ def test_to_module_follows_device_and_dtype():
 
 def test_run_denoiser_moves_cached_points_to_the_module(tiny_adapter):
     """The "mat1 is on cpu" crash of ``quantize --device cuda``: CPU points, module elsewhere."""
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
 
     point = tiny_adapter.denoiser_spec().dummy_inputs(2, 16)
     meta = copy.deepcopy(tiny_adapter.denoiser).to("meta")
@@ -53,7 +53,7 @@ def test_run_denoiser_moves_cached_points_to_the_module(tiny_adapter):
 
 def test_denoising_batches_live_with_the_references(tiny_adapter):
     """auto_quantize's training batches are built where the model's outputs are (not the cache's CPU)."""
-    from adm_export.export.sensitivity import denoising_batches
+    from adm_export.quantize.sensitivity import denoising_batches
 
     points = [tiny_adapter.denoiser_spec().dummy_inputs(2, 16, seed=s) for s in range(2)]
     refs = [torch.randn_like(p["sample"]).to("meta") for p in points]
@@ -86,7 +86,7 @@ def test_quantize_stage_feeds_the_module_where_it_lives(fp64_adapter, tiny_build
     with cached FP32 CPU points and a module that is not FP32."""
     pytest.importorskip("modelopt.torch.quantization")
     from adm_export.config import QuantizeConfig
-    from adm_export.export.quantize import quantize
+    from adm_export.quantize.stage import quantize
 
     out, _, _ = tiny_build
     manifest = quantize(QuantizeConfig(precision="int8"), out / "calibration", tmp_path / "q", adapter=fp64_adapter)
@@ -126,8 +126,8 @@ def test_auto_quantize_comparison_feeds_the_module_where_it_lives():
     """ModelOpt's auto_quantize beside the mixed search: its batches, forward step and loss follow
     the model (it reports its own failures as ``ran: False``, so a placement bug shows up here)."""
     pytest.importorskip("modelopt.torch.quantization")
-    from adm_export.export.quantize import run_denoiser
-    from adm_export.export.sensitivity import auto_quantize_comparison
+    from adm_export.numerics import run_denoiser
+    from adm_export.quantize.sensitivity import auto_quantize_comparison
 
     torch.manual_seed(0)
     adapter = _NetAdapter(_Net().double().eval())
