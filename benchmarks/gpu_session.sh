@@ -23,7 +23,7 @@
 set -uo pipefail
 part=${1:?usage: gpu_session.sh suite-flow|suite-families|suite-engine|prepare|race|e2e|smoke}
 here=$(cd "$(dirname "$0")/.." && pwd)
-cd "$here"
+cd "$here" || exit 1
 out=${OUT:-$here/gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 ADM_EXPORT_NO_PROGRESS=1
