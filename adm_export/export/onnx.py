@@ -30,13 +30,49 @@ ONNX_FILE = "unet.onnx"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+@contextlib.contextmanager
+def classic_attention(module):
+    """Compute attention with explicit matmuls (``softmax(q k^T * scale) v``) while inside.
+
+    ONNX Runtime's diffusion optimizer fuses attention into ``MultiHeadAttention`` (flash
+    attention on CUDA) only from the graph of diffusers' classic ``AttnProcessor``; the default
+    ``AttnProcessor2_0`` traces ``scaled_dot_product_attention`` into a pattern that crashes it
+    (DESIGN.md §6). Same arithmetic (measured: 6e-7 relative on the FP32 U-Net; a quantized model
+    moves by its rounding floor, as any change of summation order does). Modules outside
+    diffusers opt in with a ``classic_attention`` attribute (Make-An-Audio's LDM attention). The
+    processors are restored on exit, so the caller's model is left as it was.
+    """
+    saved = None
+    flagged = [m for m in module.modules() if hasattr(m, "classic_attention")]
+    if hasattr(module, "set_attn_processor") and hasattr(module, "attn_processors"):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        saved = dict(module.attn_processors)
+        module.set_attn_processor(AttnProcessor())
+    previous = [m.classic_attention for m in flagged]
+    for m in flagged:
+        m.classic_attention = True
+    try:
+        yield module
+    finally:
+        for m, value in zip(flagged, previous):
+            m.classic_attention = value
+        if saved is not None:
+            module.set_attn_processor(saved)
+
+
 def torch_to_onnx(adapter, module, path: Path, opset: int, example: dict) -> None:
-    """Export ``module`` (the adapter's denoiser or a quantized copy) with the spec's names and axes."""
+    """Export ``module`` (the adapter's denoiser or a quantized copy) with the spec's names and axes.
+
+    Attention is traced in its classic form (:func:`classic_attention`), so every export can be
+    served by the fused CUDA engine.
+    """
     import torch
 
     spec = adapter.denoiser_spec()
     wrapped = adapter.export_module(module).eval()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
+            classic_attention(module):
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape checks
         torch.onnx.export(
             wrapped,
@@ -319,12 +355,16 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
 
         # 3. Parity: ONNX Runtime vs the torch fake-quant model, beside the quantization error and
         #    the rounding floor (see check_parity).
-        parity = check_parity(adapter, model, parity_session(path), points)
+        # Same attention arithmetic as the export (a quantized model's output moves by its
+        # rounding floor with the summation order).
+        with classic_attention(model):
+            parity = check_parity(adapter, model, parity_session(path), points)
         if any(c == "int4" for c in report["quantized_weight_dtypes"]):
             # What the engine's default session does differently: MatMulNBits quantizes INT4
             # MatMuls' activations to INT8 per block at run time (accuracy level 4).
             runner = OrtRunner(make_session(path))
-            gaps = [rel_l2(torch.from_numpy(runner(p)), run_denoiser(adapter, model, p)) for p in points]
+            with classic_attention(model):
+                gaps = [rel_l2(torch.from_numpy(runner(p)), run_denoiser(adapter, model, p)) for p in points]
             parity["onnxruntime_default_session_gap_mean"] = sum(gaps) / len(gaps)
         params = adapter.denoiser_parameter_count()
         sizes = {

@@ -1,0 +1,516 @@
+"""The CUDA serving graph: one FP32 graph from any export, ONNX Runtime's diffusion fusions, then FP16.
+
+ONNX Runtime's CUDA provider has no INT8/INT4/FP8 kernels for Q/DQ graphs: a quantized export
+runs every op in FP32 there (11.8 ms vs 6.2 ms per FP16 step on an H200, DESIGN.md §6). Its
+diffusion optimizer (``onnxruntime.transformers.optimizer``, ``model_type="unet"``) fuses
+attention into ``MultiHeadAttention`` (flash attention), GroupNorm into ``GroupNorm`` /
+``SkipGroupNorm`` (channels-last) and convolutions into ``NhwcConv`` — but only on a plain float
+graph exported with diffusers' classic attention arithmetic (``export.onnx.classic_attention``).
+So every export is first brought to one canonical FP32 graph (:func:`prepare_fp32`):
+
+* low-bit weights (INT8 / INT4 / FP8 initializers behind ``DequantizeLinear``) are dequantized to
+  FP32 initializers with ONNX's own formula, so each weight keeps exactly its quantization grid
+  value; weights stored FP16 + ``Cast`` become plain initializers;
+* activation ``QuantizeLinear -> DequantizeLinear`` pairs are removed: activations are not
+  quantized on ONNX Runtime CUDA (it would only add FP32 rounding work);
+* an FP16-traced export is upcast (exactly) to FP32,
+
+then fused (:func:`fuse`) and converted to FP16 with the optimizer's own converter
+(:func:`to_fp16`: it keeps ``Resize`` scales and ``GroupNorm`` gamma/beta FP32, and here the
+timestep's sinusoidal embedding too, where FP16 would round ``t * f`` by up to half a radian).
+Everything here is graph work in Python (onnx + numpy): it runs on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import logging
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Hidden sizes (the GEGLU projection's output, before the split) that ONNX Runtime's
+# BiasSplitGelu CUDA kernel accepts (onnxruntime-gpu 1.31; older builds: 2560/5120/10240). Any
+# other width makes the fused op fail at run time, so the fusion is enabled only when every
+# GEGLU of the graph has one of these (AudioLDM-S has 2048: off).
+SPLIT_GELU_WIDTHS = frozenset({2560, 5120, 6144, 10240, 12288})
+# The optimizer's fused op types, as reported in ``layers.json`` -> ``fusions``.
+FUSED_OPS = ("MultiHeadAttention", "Attention", "GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu",
+             "BiasAdd", "LayerNormalization", "SkipLayerNormalization")
+# Ops that do the arithmetic of a layer (counted by precision in ``layer_precisions``).
+COMPUTE_OPS = frozenset({"Conv", "NhwcConv", "FusedConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm",
+                         "MultiHeadAttention", "Attention"})
+# FusionOptions switches of the fusions whose ops only the CUDA provider implements.
+_CUDA_ONLY_SWITCHES = ("enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+                       "enable_bias_add")
+_FLOATS = {1: "fp32", 10: "fp16", 11: "fp64", 16: "bf16"}
+_GRID_NAMES = {3: "int8", 2: "uint8", 22: "int4", 21: "uint4", 17: "fp8", 18: "fp8", 19: "fp8", 20: "fp8"}
+
+
+# -- canonical FP32 graph ------------------------------------------------------------------------
+def _consumers(graph) -> dict[str, list]:
+    out = collections.defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            out[i].append(n)
+    return out
+
+
+def _attr(node, name, default=None):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _replace_nodes(graph, keep: list) -> None:
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def fold_constant_casts(model) -> int:
+    """Replace ``Cast`` nodes of float initializers by initializers of the target float type.
+
+    The quantized export stores the layers kept out of quantization as FP16 weights + ``Cast`` to
+    FP32; the optimizer's patterns (and its NHWC weight transpose) want plain initializers.
+
+    Returns:
+        Number of casts folded.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    keep, folded = [], 0
+    for node in graph.node:
+        src = inits.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        to = _attr(node, "to") if src is not None else None
+        if src is None or src.data_type not in _FLOATS or to not in _FLOATS:
+            keep.append(node)
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(to)
+        graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(src).astype(dtype), node.output[0]))
+        folded += 1
+    _replace_nodes(graph, keep)
+    return folded
+
+
+def dequantize_array(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int,
+                     block_size: int) -> np.ndarray:
+    """ONNX ``DequantizeLinear`` in numpy: ``(x - zero_point) * scale`` in the scale's float type.
+
+    Per tensor (scalar scale), per axis (1-D scale along ``axis``) or blocked (scale of the same
+    rank with ``ceil(n / block_size)`` along ``axis``), exactly as ONNX Runtime computes it: the
+    integer difference is exact in FP32, then one FP32 multiplication.
+    """
+    xf = x.astype(np.float32)
+    if zero_point is not None:
+        zf = zero_point.astype(np.float32)
+    else:
+        zf = np.zeros((), np.float32)
+    s = scale.astype(np.float32)
+    axis = axis % x.ndim if x.ndim else 0
+    if s.ndim == 0 or s.size == 1 and block_size == 0:
+        s, zf = s.reshape(()), zf.reshape(())
+    elif block_size:
+        s = np.take(np.repeat(s, block_size, axis=axis), np.arange(x.shape[axis]), axis=axis)
+        if zf.ndim:
+            zf = np.take(np.repeat(zf, block_size, axis=axis), np.arange(x.shape[axis]), axis=axis)
+    else:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s = s.reshape(shape)
+        if zf.ndim:
+            zf = zf.reshape(shape)
+    return ((xf - zf) * s).astype(scale.dtype)
+
+
+def dequantize_weights(model) -> dict:
+    """Turn every ``DequantizeLinear`` of an initializer into a float initializer (same values).
+
+    Returns:
+        ``{"tensors": n, "grid": {"int8": n8, "int4": n4, "fp8": nf}, "low_bit_bytes": b}``:
+        how many weights were dequantized, from which grid, and how many bytes they had stored.
+    """
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    keep = []
+    grid: collections.Counter = collections.Counter()
+    low_bit_bytes = 0
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            keep.append(node)
+            continue
+        src = inits[node.input[0]]
+        x = numpy_helper.to_array(src)
+        scale = numpy_helper.to_array(inits[node.input[1]])
+        zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
+        y = dequantize_array(x, scale, zp, _attr(node, "axis", 1), _attr(node, "block_size", 0))
+        graph.initializer.append(numpy_helper.from_array(y, node.output[0]))
+        grid[_GRID_NAMES.get(src.data_type, str(src.data_type))] += 1
+        low_bit_bytes += x.size // 2 if src.data_type in (21, 22) else x.nbytes
+    _replace_nodes(graph, keep)
+    return {"tensors": sum(grid.values()), "grid": dict(sorted(grid.items())), "low_bit_bytes": int(low_bit_bytes)}
+
+
+def drop_activation_qdq(model) -> int:
+    """Remove activation ``QuantizeLinear -> DequantizeLinear`` pairs (the consumers read the float input).
+
+    Returns:
+        Number of pairs removed.
+
+    Raises:
+        RuntimeError: A Q/DQ node is left that is neither a weight nor such a pair (a graph this
+            pass does not understand; serving it would silently keep quantization).
+    """
+    from onnx import helper
+
+    graph = model.graph
+    consumers = _consumers(graph)
+    outputs = {o.name for o in graph.output}
+    drop: set[int] = set()
+    rename: dict[str, str] = {}
+    extra = []
+    pairs = 0
+    for q in graph.node:
+        if q.op_type != "QuantizeLinear":
+            continue
+        users = consumers.get(q.output[0], [])
+        if not users or any(u.op_type != "DequantizeLinear" for u in users) or q.output[0] in outputs:
+            continue
+        for dq in users:
+            if dq.output[0] in outputs:  # keep the graph output's name: an Identity instead of a rename
+                extra.append(helper.make_node("Identity", [q.input[0]], [dq.output[0]], name=f"{dq.name}_identity"))
+            else:
+                rename[dq.output[0]] = q.input[0]
+            drop.add(id(dq))
+            pairs += 1
+        drop.add(id(q))
+    keep = [n for n in graph.node if id(n) not in drop] + extra
+    for n in keep:
+        for k, name in enumerate(n.input):
+            if name in rename:
+                n.input[k] = rename[name]
+    _replace_nodes(graph, keep)
+    left = sorted({n.op_type for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")})
+    if left:
+        raise RuntimeError(f"Q/DQ nodes left after dequantization: {left} (neither weights nor activation pairs)")
+    return pairs
+
+
+def upcast_fp16(model) -> int:
+    """Turn an FP16 graph into the same graph in FP32 (FP16 -> FP32 is exact).
+
+    Initializers, ``Cast(to=FLOAT16)``, ``ConstantOfShape`` values and the graph's inputs and
+    outputs change type; nothing else in a traced U-Net carries a float type of its own.
+
+    Returns:
+        Number of tensors and attributes changed.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    changed = 0
+    for i, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT16:
+            graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32),
+                                                                  init.name))
+            changed += 1
+    for node in graph.node:
+        if node.op_type == "Cast" and _attr(node, "to") == TensorProto.FLOAT16:
+            for a in node.attribute:
+                if a.name == "to":
+                    a.i = TensorProto.FLOAT
+            changed += 1
+        elif node.op_type == "ConstantOfShape":
+            value = _attr(node, "value")
+            if value is not None and value.data_type == TensorProto.FLOAT16:
+                arr = numpy_helper.to_array(value).astype(np.float32)
+                for a in list(node.attribute):
+                    if a.name == "value":
+                        node.attribute.remove(a)
+                node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(arr)))
+                changed += 1
+    for v in (*graph.input, *graph.output):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+            changed += 1
+    return changed
+
+
+def prepare_fp32(model) -> dict:
+    """Bring any export (FP32, FP16, quantized Q/DQ) to the canonical FP32 graph, in place.
+
+    Returns:
+        What changed: casts folded, weights dequantized (with their grid), activation Q/DQ pairs
+        dropped, FP16 tensors upcast.
+    """
+    from adm_export.export import onnx_graph
+
+    onnx_graph.constants_to_initializers(model)
+    stats = {"casts_folded": fold_constant_casts(model)}
+    stats["weights_dequantized"] = dequantize_weights(model)
+    stats["activation_qdq_pairs_dropped"] = drop_activation_qdq(model)
+    stats["fp16_tensors_upcast"] = upcast_fp16(model)
+    onnx_graph.remove_unused_initializers(model)
+    # Types and shapes of intermediate tensors changed: let the optimizer infer them again.
+    del model.graph.value_info[:]
+    return stats
+
+
+# -- fusion ---------------------------------------------------------------------------------------
+def geglu_widths(model) -> list[int]:
+    """Hidden sizes of the graph's GEGLU feed-forwards (the bias length of ``Add -> Slice -> Gelu``)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    prod = {o: n for n in graph.node for o in n.output}
+    widths = set()
+    for gelu in graph.node:
+        if gelu.op_type not in ("Gelu", "Erf"):
+            continue
+        # Exported Gelu is x * 0.5 * (1 + Erf(x / sqrt 2)): climb from Erf through Div to the Slice.
+        node = gelu
+        for _ in range(3):
+            node = prod.get(node.input[0])
+            if node is None or node.op_type == "Slice":
+                break
+        if node is None or node.op_type != "Slice":
+            continue
+        add = prod.get(node.input[0])
+        if add is None or add.op_type != "Add":
+            continue
+        for name in add.input:
+            if name in inits and len(inits[name].dims) == 1:
+                widths.add(int(numpy_helper.to_array(inits[name]).shape[0]))
+    return sorted(widths)
+
+
+def _data_dependent(graph) -> set[str]:
+    """Tensors whose values depend on the graph's input data (shapes alone do not count)."""
+    shape_only = {"Shape", "Size", "ConstantOfShape", "EyeLike"}
+    dependent = {v.name for v in graph.input} - {i.name for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type in shape_only:
+            continue
+        if node.op_type in ("Expand", "Reshape", "Tile", "Slice") and node.input and node.input[0] not in dependent:
+            continue  # data taken from a constant; the other inputs only give shapes or indices
+        if any(i in dependent for i in node.input):
+            dependent.update(o for o in node.output if o)
+    return dependent
+
+
+def protect_masked_attention(model) -> int:
+    """Keep attention with a mask out of the optimizer's attention fusion (it would drop the mask).
+
+    diffusers' classic processor exports ``baddbmm(bias, q, k^T, beta, alpha)`` as
+    ``Add(Mul(MatMul(q, k^T), alpha), Mul(bias, beta))`` before the softmax. ONNX Runtime's U-Net
+    attention fusion (1.31/1.32) matches ``Softmax <- Add <- Mul <- MatMul`` and treats the
+    ``Add`` as adding zero, which holds without a mask (``beta = 0``) but not for TANGO's text
+    mask: fused, the masked cross-attention attended to padding (measured: 2.9e-2 relative error
+    of the whole U-Net on the CPU). Swapping that ``Add``'s operands (it is commutative) makes the
+    pattern fail to match, so a masked attention stays unfused and correct, and the fused-op
+    counts say so.
+
+    Returns:
+        Number of attention blocks protected.
+    """
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    dependent = _data_dependent(graph)
+    protected = 0
+    for softmax in graph.node:
+        add = prod.get(softmax.input[0]) if softmax.op_type == "Softmax" else None
+        if add is None or add.op_type != "Add" or len(add.input) != 2:
+            continue
+        scores = prod.get(add.input[0])
+        if scores is None or scores.op_type != "Mul" or not any(
+                (p := prod.get(i)) is not None and p.op_type == "MatMul" for i in scores.input):
+            continue
+        if add.input[1] in dependent:
+            add.input[0], add.input[1] = add.input[1], add.input[0]
+            protected += 1
+    return protected
+
+
+def fusion_options(model, cuda: bool = True):
+    """The optimizer's ``FusionOptions`` for this graph, and the decisions behind them.
+
+    Args:
+        model: The canonical FP32 graph.
+        cuda: ``False`` turns off the fusions whose ops only the CUDA provider runs (GroupNorm,
+            SkipGroupNorm, NhwcConv, BiasSplitGelu, BiasAdd), giving a graph the CPU provider can
+            run to check the remaining fusions numerically.
+
+    Returns:
+        ``(FusionOptions, decisions)``.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    opts = FusionOptions("unet")
+    widths = geglu_widths(model)
+    opts.enable_bias_splitgelu = bool(widths) and set(widths) <= SPLIT_GELU_WIDTHS
+    decisions = {"bias_split_gelu": {"enabled": opts.enable_bias_splitgelu, "geglu_widths": widths,
+                                     "kernel_widths": sorted(SPLIT_GELU_WIDTHS)}}
+    if not cuda:
+        for switch in _CUDA_ONLY_SWITCHES:
+            setattr(opts, switch, False)
+        # The CPU MultiHeadAttention kernel takes separate Q, K, V only ("Packed QKV ... not
+        # implemented for CPU").
+        opts.enable_packed_qkv = opts.enable_packed_kv = False
+        decisions["cuda_only_fusions"] = False
+    return opts, decisions
+
+
+def fuse(model, cuda: bool = True):
+    """Run ONNX Runtime's diffusion optimizer (Python fusions only, ``opt_level=0``) on an FP32 graph.
+
+    Args:
+        model: The canonical FP32 graph (:func:`prepare_fp32`); not modified.
+        cuda: See :func:`fusion_options`.
+
+    Returns:
+        ``(optimizer, report)``: the optimizer's ``OnnxModel`` (its ``.model`` is the fused graph)
+        and ``{"fusions": {op: n}, "decisions": ...}``.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    import onnx
+
+    opts, decisions = fusion_options(model, cuda)
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # the optimizer rewrites the proto it is given
+    decisions["masked_attention_left_unfused"] = protect_masked_attention(work)
+    # The optimizer writes a tqdm bar and warnings to stderr; keep them out of the user's terminal.
+    noise = io.StringIO()
+    with contextlib.redirect_stderr(noise):
+        opt = optimize_model(work, model_type="unet", opt_level=0, optimization_options=opts, use_gpu=cuda)
+        stats = opt.get_fused_operator_statistics()
+    if noise.getvalue().strip():
+        logger.debug("onnxruntime optimizer: %s", noise.getvalue().strip()[-2000:])
+    fusions = {op: int(stats.get(op, 0)) for op in FUSED_OPS}
+    return opt, {"fusions": fusions, "decisions": decisions}
+
+
+def timestep_path(model, input_name: str = "timestep") -> list[str]:
+    """Names of the nodes between the timestep input and the first layer that consumes it.
+
+    The sinusoidal embedding multiplies ``t`` (up to 1000) by frequencies: FP16 would round the
+    product by up to half a radian before ``sin``/``cos``, so these nodes stay FP32 (the traced
+    FP16 export keeps them FP32 for the same reason).
+    """
+    graph = model.graph
+    consumers = _consumers(graph)
+    stop = COMPUTE_OPS | {"QuantizeLinear"}
+    names, frontier, seen = [], [input_name], set()
+    while frontier:
+        tensor = frontier.pop()
+        for node in consumers.get(tensor, []):
+            if node.op_type in stop or id(node) in seen:
+                continue
+            seen.add(id(node))
+            names.append(node.name)
+            frontier.extend(node.output)
+    return names
+
+
+def name_nodes(model) -> int:
+    """Give every unnamed node a unique name (the FP16 converter blocks nodes by name)."""
+    used = {n.name for n in model.graph.node if n.name}
+    k = 0
+    for n in model.graph.node:
+        if not n.name:
+            while f"{n.op_type}_adm{k}" in used:
+                k += 1
+            n.name = f"{n.op_type}_adm{k}"
+            used.add(n.name)
+    return k
+
+
+def to_fp16(opt, keep_fp32_nodes: list[str] = ()) -> None:
+    """Convert the fused graph to FP16 in place with the optimizer's own converter (IO stays FP32).
+
+    ``keep_io_types=True``: the engine's inputs and output stay FP32 (casts inside), so the graph
+    serves the FP32 pipeline without host-side conversions.
+    """
+    noise = io.StringIO()
+    with contextlib.redirect_stderr(noise):
+        opt.convert_float_to_float16(keep_io_types=True, node_block_list=list(keep_fp32_nodes))
+        opt.topological_sort()
+    if noise.getvalue().strip():
+        logger.debug("onnxruntime fp16 converter: %s", noise.getvalue().strip()[-2000:])
+
+
+# -- what the served graph computes in ------------------------------------------------------------
+def tensor_types(model) -> dict[str, int]:
+    """The ONNX element type of every tensor, propagated through the graph in node order.
+
+    ONNX shape inference does not know the optimizer's contrib ops, so the types are followed by
+    rule: ``Cast`` sets its target, Q/DQ their quantized / scale type, shape ops INT64, any
+    other op the type of its first float input (none of the served ops changes float type).
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    types: dict[str, int] = {i.name: i.data_type for i in graph.initializer}
+    for v in (*graph.input, *graph.value_info):
+        types.setdefault(v.name, v.type.tensor_type.elem_type)
+    int_ops = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin"}
+    bool_ops = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "IsNaN", "IsInf"}
+    for node in graph.node:
+        if node.op_type == "Cast":
+            out = _attr(node, "to")
+        elif node.op_type == "DequantizeLinear" and len(node.input) > 1:
+            out = types.get(node.input[1])
+        elif node.op_type == "QuantizeLinear":
+            out = types.get(node.input[2]) if len(node.input) > 2 and node.input[2] else TensorProto.UINT8
+        elif node.op_type in int_ops:
+            out = TensorProto.INT64
+        elif node.op_type in bool_ops:
+            out = TensorProto.BOOL
+        else:
+            known = [types[i] for i in node.input if i in types]
+            floats = [t for t in known if t in _FLOATS]
+            out = floats[0] if floats else (known[0] if known else None)
+        for o in node.output:
+            if o and out is not None:
+                types[o] = out
+    return types
+
+
+def compute_precisions(model) -> dict:
+    """The served graph's compute ops by the precision they run in (their activation input's type).
+
+    Returns:
+        ``{"layer_precisions": {"fp16": n, ...}, "compute_ops": {"NhwcConv": n, ...},
+        "weight_dtypes": {"fp16": n, ...}}`` (weights: the element type of each compute op's
+        initializer input).
+    """
+    from onnx import TensorProto
+
+    graph = model.graph
+    types = tensor_types(model)
+    inits = {i.name: i for i in graph.initializer}
+    precisions: collections.Counter = collections.Counter()
+    ops: collections.Counter = collections.Counter()
+    weights: collections.Counter = collections.Counter()
+    name = lambda t: _FLOATS.get(t) or TensorProto.DataType.Name(t).lower() if t is not None else "unknown"  # noqa: E731
+    for node in graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        ops[node.op_type] += 1
+        precisions[name(types.get(node.input[0]))] += 1
+        for i in node.input[1:]:
+            if i in inits:
+                weights[name(inits[i].data_type)] += 1
+                break
+    return {"layer_precisions": dict(sorted(precisions.items())), "compute_ops": dict(sorted(ops.items())),
+            "weight_dtypes": dict(sorted(weights.items()))}
