@@ -281,6 +281,7 @@ def build_onnx(adapter, model, plans, codecs: dict, opset: int, example: dict, w
     if Placement(placement) == Placement.ONNXRUNTIME:
         fold["activations_to_uint8"] = onnx_graph.activations_to_uint8(graph)
     fold["tensor_name_bytes_saved"] = onnx_graph.shorten_tensor_names(graph)
+    fold["node_name_bytes_saved"] = onnx_graph.shorten_plumbing_node_names(graph)
     fold["scalar_initializers_shared"] = onnx_graph.dedupe_scalar_initializers(graph)
     if opset > _TORCHSCRIPT_MAX_OPSET:
         # 20 -> 21 only widens the types of Q/DQ, Cast, Reshape, ...: no op changes meaning.

@@ -86,12 +86,18 @@ def rel_l2(a, b) -> float:
 
 
 def _save(model, path: Path) -> int:
-    """Save with every weight in ``<name>.data`` beside the graph (any size); returns bytes on disk."""
+    """Save with every weight in ``<name>.data`` beside the graph (any size); returns bytes on disk.
+
+    ``onnx.save_model`` turns the in-memory tensors into references to the data file; they are
+    read back so ``model`` stays usable.
+    """
     import onnx
+    from onnx.external_data_helper import load_external_data_for_model
 
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=path.name + ".data", size_threshold=1024)
+    load_external_data_for_model(model, str(path.parent))
     return path.stat().st_size + path.with_name(path.name + ".data").stat().st_size
 
 

@@ -256,6 +256,7 @@ def prepare_fp32(model) -> dict:
 
     onnx_graph.constants_to_initializers(model)
     stats = {"casts_folded": fold_constant_casts(model)}
+    onnx_graph.remove_unused_initializers(model)  # the FP16 sources of the folded casts
     stats["weights_dequantized"] = dequantize_weights(model)
     stats["activation_qdq_pairs_dropped"] = drop_activation_qdq(model)
     stats["fp16_tensors_upcast"] = upcast_fp16(model)
@@ -423,16 +424,20 @@ def timestep_path(model, input_name: str = "timestep") -> list[str]:
 
 
 def name_nodes(model) -> int:
-    """Give every unnamed node a unique name (the FP16 converter blocks nodes by name)."""
-    used = {n.name for n in model.graph.node if n.name}
-    k = 0
-    for n in model.graph.node:
-        if not n.name:
-            while f"{n.op_type}_adm{k}" in used:
-                k += 1
-            n.name = f"{n.op_type}_adm{k}"
-            used.add(n.name)
-    return k
+    """Give every unnamed or duplicate-named node a unique name (the FP16 converter blocks nodes by name)."""
+    used: set[str] = set()
+    renamed = 0
+    for k, n in enumerate(model.graph.node):
+        if not n.name or n.name in used:
+            base = f"{n.op_type}_adm{k}"
+            n.name = base
+            j = 0
+            while n.name in used:
+                j += 1
+                n.name = f"{base}_{j}"
+            renamed += 1
+        used.add(n.name)
+    return renamed
 
 
 def to_fp16(opt, keep_fp32_nodes: list[str] = ()) -> None:
