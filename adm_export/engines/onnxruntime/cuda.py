@@ -250,6 +250,10 @@ def check_on_cpu(fp32_path: Path, spec, cfg: CudaEngineSpec) -> dict:
 
     from adm_export.engines.onnxruntime.sessions import OrtOptions, make_session
 
+    if not cfg.fusions:
+        return {"rel_l2": [], "max": 0.0, "tolerance": cfg.tolerance, "passed": True, "device": "cpu",
+                "served_graph_checked": False, "checked": "nothing (--no-cuda-fusions: no fusion to check here)",
+                "reason": "no CUDA device here: the served FP16 graph runs only on ONNX Runtime's CUDA provider"}
     model = onnx.load(str(fp32_path))
     opt, report = fusions.fuse(model, cuda=False)
     del model

@@ -402,24 +402,25 @@ def fuse(model, cuda: bool = True):
 
 
 def timestep_path(model, input_name: str = "timestep") -> list[str]:
-    """Names of the nodes between the timestep input and the first layer that consumes it.
+    """Names of the nodes that compute a function of the timestep alone, up to the first layer.
 
     The sinusoidal embedding multiplies ``t`` (up to 1000) by frequencies: FP16 would round the
     product by up to half a radian before ``sin``/``cos``, so these nodes stay FP32 (the traced
-    FP16 export keeps them FP32 for the same reason).
+    FP16 export keeps them FP32 for the same reason). A node that also reads the latent (or any
+    other input's data) is not on the path, and neither is a linear layer (the converter casts to
+    FP16 in front of it).
     """
     graph = model.graph
-    consumers = _consumers(graph)
-    stop = COMPUTE_OPS | {"QuantizeLinear"}
-    names, frontier, seen = [], [input_name], set()
-    while frontier:
-        tensor = frontier.pop()
-        for node in consumers.get(tensor, []):
-            if node.op_type in stop or id(node) in seen:
-                continue
-            seen.add(id(node))
-            names.append(node.name)
-            frontier.extend(node.output)
+    dependent = _data_dependent(graph)
+    stop = COMPUTE_OPS | {"QuantizeLinear", "DequantizeLinear"}
+    on_path = {input_name}
+    names = []
+    for node in graph.node:
+        data_inputs = [i for i in node.input if i in dependent]
+        if node.op_type in stop or not data_inputs or any(i not in on_path for i in data_inputs):
+            continue
+        on_path.update(o for o in node.output if o)
+        names.append(node.name)
     return names
 
 
