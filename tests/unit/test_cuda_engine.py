@@ -457,9 +457,13 @@ def test_cuda_engine_refused_on_the_cpu_and_eval_refuses_like_generate(cuda_engi
         assert res.exit_code == 1, res.output
         line = one_error_line(res)
         assert "CUDA engine" in line and "--device cuda" in line
-    # eval --device cuda on the CPU engine: the same refusal as generate's, before loading anything.
-    res = run("eval", "--engine", tiny_build[0] / "engines", "--device", "cuda", "-o", tmp_path / "o")
-    assert res.exit_code == 1 and "adm-export engine" in one_error_line(res)
+    # eval --device cuda on the CPU engine: the same refusal as generate's, before loading anything
+    # (the library call: the CLI refuses --device cuda earlier here, for want of a GPU).
+    from adm_export.config import EvalConfig
+    from adm_export.eval.harness import evaluate
+
+    with pytest.raises(InvalidInputError, match="adm-export engine --onnx ONNX_DIR --out DIR --device cuda"):
+        evaluate(EvalConfig(device="cuda"), tiny_build[0] / "engines")
 
 
 def test_engine_flags_without_an_engine_are_refused(tmp_path):

@@ -397,8 +397,19 @@ def fuse(model, cuda: bool = True):
         stats = opt.get_fused_operator_statistics()
     if noise.getvalue().strip():
         logger.debug("onnxruntime optimizer: %s", noise.getvalue().strip()[-2000:])
+    declare_contrib_domain(opt.model)
     fusions = {op: int(stats.get(op, 0)) for op in FUSED_OPS}
     return opt, {"fusions": fusions, "decisions": decisions}
+
+
+def declare_contrib_domain(model) -> None:
+    """Import the ``com.microsoft`` opset when contrib ops are used (the optimizer's own ``save`` does
+    this; a model saved with ``onnx.save`` must carry it itself)."""
+    from onnx import helper
+
+    if any(n.domain == "com.microsoft" for n in model.graph.node) and not any(
+            o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def timestep_path(model, input_name: str = "timestep") -> list[str]:
