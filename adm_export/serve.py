@@ -95,7 +95,7 @@ class GenerateConfig:
             raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
         if self.device not in ("cpu", "cuda"):
             raise InvalidInputError(f"invalid --device {self.device!r}: choose cpu or cuda")
-        options = self.ort_options()  # refuses impossible provider / graph / binding combinations
+        self.ort_options()  # refuses impossible provider / graph / binding combinations
         if self.engine_dir is None:
             engine_flags = [flag for flag, given in (
                 (f"--ort-provider {self.ort_provider}", self.ort_provider != "auto"),
@@ -113,7 +113,6 @@ class GenerateConfig:
                 f"--engine {self.engine_dir!r} is not a folder; pass the output of `adm-export engine` (or of build: "
                 f"BUILD_DIR/engines)"
             )
-        del options
 
     def ort_options(self):
         """The ONNX Runtime session settings these options ask for (``OrtOptions.serving``, as ``eval`` uses)."""

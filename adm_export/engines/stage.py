@@ -62,11 +62,8 @@ def ort_layer_precisions(onnx_path: Path, device: str, threads: int) -> dict:
         "int8": sum(v for k, v in ops.items() if k in _INTEGER_OPS),
         float_name: sum(v for k, v in ops.items() if k in _FLOAT_COMPUTE_OPS),
     }
-    from adm_export.engines.onnxruntime.fusions import FUSED_OPS
-
     return {
         "layer_precisions": precisions,
-        "fusions": {op: ops.get(op, 0) for op in FUSED_OPS},
         "compute_ops": {k: v for k, v in sorted(ops.items()) if k in _INTEGER_OPS | _FLOAT_COMPUTE_OPS},
         "qdq_left": {k: ops.get(k, 0) for k in ("QuantizeLinear", "DequantizeLinear")},
         "source": "onnxruntime_optimized_graph",
