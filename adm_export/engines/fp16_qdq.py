@@ -45,6 +45,7 @@ def to_fp16_typed_qdq(model) -> dict:
     import onnx
     from onnx import TensorProto
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     from adm_export.engines.onnxruntime import fusions
     from adm_export.export import onnx_graph
@@ -62,6 +63,8 @@ def to_fp16_typed_qdq(model) -> dict:
     with contextlib.redirect_stderr(noise), contextlib.redirect_stdout(noise):
         converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
     model.CopyFrom(converted)
+    # The converter appends the input/output casts at the end of the node list.
+    OnnxModel(model).topological_sort()
     onnx_graph.remove_unused_initializers(model)
     inits = {i.name: i for i in model.graph.initializer}
     fp32_scales = [n.name for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
