@@ -47,12 +47,12 @@ def to_fp16_typed_qdq(model) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from adm_export.engines.onnxruntime import fusions
+    from adm_export.engines.onnxruntime import dequantize, fusions
     from adm_export.export import onnx_graph
 
     onnx_graph.constants_to_initializers(model)
     # Kept layers: FP16 weight + Cast to FP32 -> one initializer (exact), converted back to FP16 below.
-    folded = fusions.fold_constant_casts(model)
+    folded = dequantize.fold_constant_casts(model)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset < FP16_QDQ_OPSET:
         onnx_graph.set_opset(model, FP16_QDQ_OPSET)

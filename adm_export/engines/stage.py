@@ -207,8 +207,14 @@ def _torch_reference(adapter):
     device = next(adapter.denoiser.parameters()).device
 
     def run(inputs: dict):
-        with torch.inference_mode():
-            return module(*(v.to(device) for v in inputs.values())).float().cpu().numpy()
+        # A true FP32 reference: no TF32 in cuDNN convolutions or cuBLAS matmuls on the GPU.
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.inference_mode():
+                return module(*(v.to(device) for v in inputs.values())).float().cpu().numpy()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     return run
 

@@ -18,6 +18,7 @@ import json
 import numpy as np
 import pytest
 
+from adm_export.engines.onnxruntime import dequantize, fusions
 from adm_export.errors import InvalidInputError
 from tests.helpers import one_error_line, run
 
@@ -80,12 +81,11 @@ def _dq_outputs_by_onnxruntime(model, names, feed):
 def test_dequantized_weights_equal_onnxruntime_dequantize_linear_exactly():
     from onnx import numpy_helper
 
-    from adm_export.engines.onnxruntime import fusions
 
     model = _qdq_weights_model()
     feed = {"x": np.random.default_rng(1).standard_normal((2, 16)).astype(np.float32)}
     expected = _dq_outputs_by_onnxruntime(model, ["W8", "W4", "WF8"], feed)
-    stats = fusions.prepare_fp32(model)
+    stats = dequantize.prepare_fp32(model)
     assert stats["weights_dequantized"]["grid"] == {"fp8": 1, "int4": 1, "int8": 1}
     assert stats["activation_qdq_pairs_dropped"] == 1
     assert not [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
@@ -102,7 +102,6 @@ def test_prepared_graph_is_the_fake_quant_model_without_activation_quantizers(ti
     import torch
 
     from adm_export.calibration.cache import load_cache
-    from adm_export.engines.onnxruntime import fusions
     from adm_export.export.onnx import classic_attention
     from adm_export.export.quantize import load_quantized, run_denoiser
 
@@ -114,7 +113,7 @@ def test_prepared_graph_is_the_fake_quant_model_without_activation_quantizers(ti
     point = load_cache(out / "calibration", tiny_adapter.identity()).point(0)
     feed = {k: v.numpy() for k, v in point.items()}
     expected = _dq_outputs_by_onnxruntime(model, weight_dqs, feed)
-    fusions.prepare_fp32(model)
+    dequantize.prepare_fp32(model)
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -143,7 +142,6 @@ def family_graph(request, tmp_path_factory):
     """``(adapter, canonical FP32 graph, example inputs)`` of a family's FP32 export."""
     import onnx
 
-    from adm_export.engines.onnxruntime import fusions
     from adm_export.engines.onnxruntime.cuda import parity_inputs
     from adm_export.export.onnx import torch_to_onnx
     from adm_export.models import load_model
@@ -155,7 +153,7 @@ def family_graph(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param) / "unet.onnx"
     torch_to_onnx(adapter, adapter.denoiser, path, 17, x)
     model = onnx.load(str(path))
-    fusions.prepare_fp32(model)
+    dequantize.prepare_fp32(model)
     return adapter, model, x
 
 
@@ -163,7 +161,6 @@ def family_graph(request, tmp_path_factory):
 def test_cuda_fusions_cover_every_norm_and_conv_of_each_family(family_graph):
     import onnx
 
-    from adm_export.engines.onnxruntime import fusions
 
     adapter, model, _ = family_graph
     before = collections.Counter(n.op_type for n in model.graph.node)
@@ -201,7 +198,6 @@ def test_cpu_runnable_fusions_match_torch_fp32(family_graph, tmp_path):
     import onnxruntime as ort
     import torch
 
-    from adm_export.engines.onnxruntime import fusions
 
     adapter, model, x = family_graph
     opt, report = fusions.fuse(model, cuda=False)
@@ -221,7 +217,6 @@ def test_unprotected_masked_attention_fusion_is_wrong(tmp_path):
     import onnxruntime as ort
     import torch
 
-    from adm_export.engines.onnxruntime import fusions
     from adm_export.engines.onnxruntime.cuda import parity_inputs
     from adm_export.export.onnx import torch_to_onnx
     from adm_export.models import load_model
@@ -230,7 +225,7 @@ def test_unprotected_masked_attention_fusion_is_wrong(tmp_path):
     x = parity_inputs(adapter.denoiser_spec(), 2, 16, seed=1)
     torch_to_onnx(adapter, adapter.denoiser, tmp_path / "u.onnx", 17, x)
     model = onnx.load(str(tmp_path / "u.onnx"))
-    fusions.prepare_fp32(model)
+    dequantize.prepare_fp32(model)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fusions, "protect_masked_attention", lambda m: 0)
         opt, _ = fusions.fuse(model, cuda=False)
@@ -261,7 +256,6 @@ def _geglu_graph(width: int):
 
 @pytest.mark.parametrize("width,enabled", [(2560, True), (10240, True), (2048, False), (1024, False)])
 def test_bias_split_gelu_only_for_the_kernel_widths(width, enabled):
-    from adm_export.engines.onnxruntime import fusions
 
     model = _geglu_graph(width)
     assert fusions.geglu_widths(model) == [width]
@@ -321,7 +315,6 @@ def test_cuda_engine_stage_prints_what_it_built(cuda_engines):
 def test_cuda_engine_layers_json_says_what_computes_in_what(cuda_engines, tiny_build):
     import onnx
 
-    from adm_export.engines.onnxruntime import fusions
 
     engines, r = cuda_engines
     assert r.exit_code == 0, r.output
@@ -364,7 +357,6 @@ def test_parity_failure_fails_the_cuda_build(tiny_build, tmp_path, monkeypatch):
 
     from adm_export.config import EngineConfig
     from adm_export.engines.onnxruntime import cuda as ort_cuda
-    from adm_export.engines.onnxruntime import fusions
     from adm_export.engines.stage import EngineParityError, build_engines
 
     real_fuse = fusions.fuse
@@ -381,7 +373,7 @@ def test_parity_failure_fails_the_cuda_build(tiny_build, tmp_path, monkeypatch):
     def quick_graph(src, dst, use_fusions=True, reference_dst=None):
         # Only the reference graph matters here (the CPU check fuses it); skip the CUDA fusions.
         model = onnx.load(str(src))
-        fusions.prepare_fp32(model)
+        dequantize.prepare_fp32(model)
         ort_cuda._save(model, reference_dst)
         ort_cuda._save(model, dst)
         return {"graph": "cuda-fused-fp16", "summary": "-", "build_seconds": 0.0}

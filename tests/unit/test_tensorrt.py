@@ -331,7 +331,6 @@ def _float_compute(rows) -> list[str]:
 
 def test_fp16_typed_qdq_graph_types_and_numbers(tiny_onnx, tmp_path):
     """FP16 activations, weights and Q/DQ scales (opset 19); the timestep reshape kept FP32; same numbers."""
-    import onnx
     from onnx import TensorProto
     from onnx.reference import ReferenceEvaluator
 
