@@ -42,6 +42,14 @@ def classic_attention(module):
     diffusers opt in with a ``classic_attention`` attribute (Make-An-Audio's LDM attention). The
     processors are restored on exit, so the caller's model is left as it was.
     """
+    import torch
+    import torch.nn.functional as F
+
+    # ModelOpt's quantized attention swaps torch.bmm / torch.baddbmm / SDPA for its own functions
+    # during a forward and restores them without a try/finally: an exception inside would leave
+    # them swapped for the whole process (seen: endless recursion in every later export).
+    functions = [(torch, "bmm"), (torch, "baddbmm"), (F, "scaled_dot_product_attention")]
+    originals = [(pkg, name, getattr(pkg, name)) for pkg, name in functions]
     saved = None
     flagged = [m for m in module.modules() if hasattr(m, "classic_attention")]
     if hasattr(module, "set_attn_processor") and hasattr(module, "attn_processors"):
@@ -59,6 +67,10 @@ def classic_attention(module):
             m.classic_attention = value
         if saved is not None:
             module.set_attn_processor(saved)
+        for pkg, name, func in originals:
+            setattr(pkg, name, func)
+            if hasattr(pkg, "_" + name) and name != "scaled_dot_product_attention":
+                delattr(pkg, "_" + name)  # ModelOpt's cache of the original, left behind
 
 
 def torch_to_onnx(adapter, module, path: Path, opset: int, example: dict) -> None:
@@ -161,7 +173,11 @@ def check_parity(adapter, model, session, points: list[dict]) -> dict:
     model64 = copy.deepcopy(model).double()
     gap, floor, qerr = [], [], []
     for p in points:
-        fake = run_denoiser(adapter, model, p)
+        # The export's attention arithmetic (a quantized model's output moves by its rounding floor
+        # with the summation order); the float64 copy keeps its own (its mask and its q/k would
+        # meet in baddbmm in different dtypes, and float64 rounding is negligible either way).
+        with classic_attention(model):
+            fake = run_denoiser(adapter, model, p)
         fake64 = run_denoiser(adapter, model64, {k: v.double() for k, v in p.items()})
         full = run_denoiser(adapter, adapter.denoiser, p)
         gap.append(rel_l2(torch.from_numpy(runner(p)), fake))
@@ -356,10 +372,7 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
 
         # 3. Parity: ONNX Runtime vs the torch fake-quant model, beside the quantization error and
         #    the rounding floor (see check_parity).
-        # Same attention arithmetic as the export (a quantized model's output moves by its
-        # rounding floor with the summation order).
-        with classic_attention(model):
-            parity = check_parity(adapter, model, parity_session(path), points)
+        parity = check_parity(adapter, model, parity_session(path), points)
         if any(c == "int4" for c in report["quantized_weight_dtypes"]):
             # What the engine's default session does differently: MatMulNBits quantizes INT4
             # MatMuls' activations to INT8 per block at run time (accuracy level 4).
