@@ -103,7 +103,8 @@ def test_prepared_graph_is_the_fake_quant_model_without_activation_quantizers(ti
 
     from adm_export.calibration.cache import load_cache
     from adm_export.export.onnx import classic_attention
-    from adm_export.export.quantize import load_quantized, run_denoiser
+    from adm_export.numerics import run_denoiser
+    from adm_export.quantize.modelopt import load_quantized
 
     out, result, _ = tiny_build
     assert result.exit_code == 0, result.output
