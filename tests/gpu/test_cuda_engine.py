@@ -46,8 +46,10 @@ def _export(tmp, model: str, kind: str):
         r = run("export-baseline", "--model", model, "--dtype", kind, "--device", "cuda" if kind == "fp16" else "cpu",
                 "-o", out / "onnx")
     else:
-        r = run("build", "--model", model, "--precision", kind, *BUILD_ARGS, "--engine", "none", "--no-eval",
-                "--out", out)
+        mixed = ["--size-budget", "0.2", "--sensitivity-granularity", "block", "--sensitivity-points", "2",
+                 "--trajectory-check", "1"] if kind == "mixed" else []
+        r = run("build", "--model", model, "--precision", kind, *mixed, *BUILD_ARGS, "--engine", "none",
+                "--no-eval", "--out", out)
     assert r.exit_code == 0, r.output
     return out / "onnx"
 
