@@ -233,8 +233,9 @@ class Race:
         label = {"fp16": "fused FP16 engine", "int8": "INT8 build's engine"}[key] + (
             " + CUDA graph" if graph else ", IO binding" if provider == "cuda" else " (CPU)")
         t0 = time.perf_counter()
-        denoiser, _ = load_ort_denoiser(self.paths[key], self.adapter, self.args.device,
-                                        options=OrtOptions(provider=provider, cuda_graph=graph))
+        # The options generate serves with (OrtOptions.serving), CUDA graphs on or off.
+        options = OrtOptions.serving(self.args.device, io_binding=True, cuda_graph=graph)
+        denoiser, _ = load_ort_denoiser(self.paths[key], self.adapter, self.args.device, options=options)
         engine = denoiser.engine
         session_s = time.perf_counter() - t0
         dtype = torch.float16 if "float16" in engine.input_types.get("sample", "") else torch.float32
