@@ -163,3 +163,16 @@ def test_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path):
         assert result.exit_code == 1, result.output
         assert "sees no CUDA GPU" in one_error_line(result)
         assert not (tmp_path / args[-1].name).exists()
+
+
+def test_engine_stage_torch_reference_runs_in_exact_fp32(tiny_adapter):
+    """The CUDA engine build's torch reference: inputs follow the denoiser, no TF32, flags restored."""
+    from adm_export.engines.stage import _torch_reference
+    from adm_export.numerics import run_denoiser
+
+    point = tiny_adapter.denoiser_spec().dummy_inputs(2, 16, seed=4)
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    got = _torch_reference(tiny_adapter)(point)
+    assert (got == run_denoiser(tiny_adapter, tiny_adapter.denoiser, point).numpy()).all()
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    assert isinstance(torch.backends.cudnn.allow_tf32, bool)  # the legacy flags stay readable
