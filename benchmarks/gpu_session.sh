@@ -8,11 +8,12 @@
 #
 # PART (expected time on one H200; run them in this order on one warm machine, so later parts reuse
 # the folders earlier ones left in $ADM_GPU_WORKDIR, default /tmp/adm-gpu):
-#   suite-flow     tests/gpu/test_flow_gpu.py: build + every stage alone at AudioLDM-S size  ~7-8 min
+#   suite-build    test_flow_gpu.py -k build: adm-export build --device cuda, AudioLDM-S size ~4-5 min
+#   suite-stages   test_flow_gpu.py, the rest: every stage alone at AudioLDM-S size          ~5-6 min
 #   suite-families test_families_gpu.py + test_matrix_gpu.py: every family built on CUDA,
 #                  quantized builds on CUDA, CLI option matrix and parity vs torch           ~5 min
 #   suite-engine   the rest of tests/gpu (test_cuda_engine.py, test_serving_gpu.py, ...)     ~6 min
-#   prepare      the race's engines, if suite-flow did not run on this machine (else ~20 s)  ~5 min
+#   prepare      the race's engines, if suite-build/-stages did not run on this machine      ~5 min
 #   race         U-Net step latency: engines vs torch eager / torch.compile, batch 1/2/8      ~5-7 min
 #   e2e          adm-export generate per clip, 4 and 64 clips, engines vs the torch pipeline  ~4-6 min
 #   smoke        the CPU checks of the suite and the benchmark script (no GPU needed)          ~3 min
@@ -21,7 +22,7 @@
 # `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
 # speed_gpu_<phase>.json, and <part>.log (the whole console output).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh suite-flow|suite-families|suite-engine|prepare|race|e2e|smoke}
+part=${1:?usage: gpu_session.sh suite-build|suite-stages|suite-families|suite-engine|prepare|race|e2e|smoke}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 out=${OUT:-$here/gpu-out}
@@ -40,8 +41,10 @@ run() { timeout -s INT -k 20 "$1" "${@:2}" 2>&1 | tee -a "$log" || status=$?; }
 
 { echo "part $part · $(date -u '+%F %T UTC') · commit $ADM_COMMIT"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } | tee "$log"
 case "$part" in
-  suite-flow)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py --gpu-report "$out/gpu_suite_flow" ;;
+  suite-build)
+    run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k build --gpu-report "$out/gpu_suite_build" ;;
+  suite-stages)
+    run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k "not build" --gpu-report "$out/gpu_suite_stages" ;;
   suite-families)
     run 575 "$py" -m pytest -q -rA tests/gpu/test_families_gpu.py tests/gpu/test_matrix_gpu.py \
       --gpu-report "$out/gpu_suite_families" ;;
