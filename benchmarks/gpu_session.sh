@@ -10,8 +10,9 @@
 # the folders earlier ones left in $ADM_GPU_WORKDIR, default /tmp/adm-gpu):
 #   suite-build    test_flow_gpu.py -k build: adm-export build --device cuda, AudioLDM-S size ~4-5 min
 #   suite-stages   test_flow_gpu.py, the rest: every stage alone at AudioLDM-S size          ~5-6 min
-#   suite-families test_families_gpu.py + test_matrix_gpu.py: every family built on CUDA,
-#                  quantized builds on CUDA, CLI option matrix and parity vs torch           ~5 min
+#   suite-families test_families_gpu.py: every family's tiny model built on CUDA, generate  ~4 min
+#   suite-matrix   test_matrix_gpu.py: reference model's FP16/INT8/FP8/W4A8/mixed builds on
+#                  CUDA, CLI option matrix, parity against torch                            ~6 min
 #   suite-engine   the rest of tests/gpu (test_cuda_engine.py, test_serving_gpu.py, ...)     ~6 min
 #   prepare      the race's engines, if suite-build/-stages did not run on this machine      ~5 min
 #   race         U-Net step latency: engines vs torch eager / torch.compile, batch 1/2/8      ~5-7 min
@@ -22,7 +23,7 @@
 # `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
 # speed_gpu_<phase>.json, and <part>.log (the whole console output).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh suite-build|suite-stages|suite-families|suite-engine|prepare|race|e2e|smoke}
+part=${1:?usage: gpu_session.sh suite-build|suite-stages|suite-families|suite-matrix|suite-engine|prepare|race|e2e|smoke}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 out=${OUT:-$here/gpu-out}
@@ -46,8 +47,9 @@ case "$part" in
   suite-stages)
     run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k "not build" --gpu-report "$out/gpu_suite_stages" ;;
   suite-families)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_families_gpu.py tests/gpu/test_matrix_gpu.py \
-      --gpu-report "$out/gpu_suite_families" ;;
+    run 575 "$py" -m pytest -q -rA tests/gpu/test_families_gpu.py --gpu-report "$out/gpu_suite_families" ;;
+  suite-matrix)
+    run 575 "$py" -m pytest -q -rA tests/gpu/test_matrix_gpu.py --gpu-report "$out/gpu_suite_matrix" ;;
   suite-engine)
     run 575 "$py" -m pytest -q -rA tests/gpu --ignore tests/gpu/test_flow_gpu.py --ignore tests/gpu/test_families_gpu.py \
       --ignore tests/gpu/test_matrix_gpu.py --gpu-report "$out/gpu_suite_engine" ;;
