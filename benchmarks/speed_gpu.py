@@ -297,6 +297,8 @@ def summarize_race(results: dict, batches) -> None:
             "fused_fp16_le_torch_compile": None if not (fp16 and comp) else fp16 <= comp,
             "int8_le_1.05x_fused_fp16": None if not (fp16 and int8) else int8 <= 1.05 * fp16,
         }
+    if summary.get("batch_2", {}).get("fused_fp16_ms"):
+        summary["goal_fused_fp16_le_3ms_b2"] = summary["batch_2"]["fused_fp16_ms"] <= 3.0
     results["summary"] = summary
 
 
