@@ -13,7 +13,8 @@
 #   suite-families test_families_gpu.py: every family's tiny model built on CUDA, generate  ~4 min
 #   suite-matrix   test_matrix_gpu.py: reference model's FP16/INT8/FP8/W4A8/mixed builds on
 #                  CUDA, CLI option matrix, parity against torch                            ~6 min
-#   suite-engine   the rest of tests/gpu (test_cuda_engine.py, test_serving_gpu.py, ...)     ~6 min
+#   suite-engine   test_cuda_engine.py: every family's CUDA engine, options, refusals        ~5 min
+#   suite-other    the rest of tests/gpu (serving, bundle runtime, BigVGAN, HTTP serve)     ~3-5 min
 #   prepare      the race's engines, if suite-build/-stages did not run on this machine      ~5 min
 #   race         U-Net step latency: engines vs torch eager / torch.compile, batch 1/2/8      ~5-7 min
 #   e2e          adm-export generate per clip, 4 and 64 clips, engines vs the torch pipeline  ~4-6 min
@@ -23,7 +24,7 @@
 # `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
 # speed_gpu_<phase>.json, and <part>.log (the whole console output).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh suite-build|suite-stages|suite-families|suite-matrix|suite-engine|prepare|race|e2e|smoke}
+part=${1:?usage: gpu_session.sh suite-build|suite-stages|suite-families|suite-matrix|suite-engine|suite-other|prepare|race|e2e|smoke}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 out=${OUT:-$here/gpu-out}
@@ -51,8 +52,10 @@ case "$part" in
   suite-matrix)
     run 575 "$py" -m pytest -q -rA tests/gpu/test_matrix_gpu.py --gpu-report "$out/gpu_suite_matrix" ;;
   suite-engine)
+    run 575 "$py" -m pytest -q -rA tests/gpu/test_cuda_engine.py --gpu-report "$out/gpu_suite_engine" ;;
+  suite-other)
     run 575 "$py" -m pytest -q -rA tests/gpu --ignore tests/gpu/test_flow_gpu.py --ignore tests/gpu/test_families_gpu.py \
-      --ignore tests/gpu/test_matrix_gpu.py --gpu-report "$out/gpu_suite_engine" ;;
+      --ignore tests/gpu/test_matrix_gpu.py --ignore tests/gpu/test_cuda_engine.py --gpu-report "$out/gpu_suite_other" ;;
   prepare)
     run 575 "$py" benchmarks/speed_gpu.py --phase prepare --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 540 ;;
   race)
