@@ -126,3 +126,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ray_factory(cfg) -> FakeRuntime:
+    """``ServeConfig -> runtime`` for the Ray Serve test (pickled by reference, imported by each replica)."""
+    return FakeRuntime(step_delay=0.01)

@@ -108,12 +108,14 @@ class ServiceState:
         return self.phase == "ready" and not self.draining
 
     def start(self) -> None:
-        """Start the batcher and warm the runtime in the background (``/health`` says 503 until done)."""
+        """Start the batcher and, unless already warm, warm the runtime in a thread (``/health``: 503 until done)."""
         self.batcher.start()
-        self._warm_thread = threading.Thread(target=self._warm, name="adm-serve-warmup", daemon=True)
-        self._warm_thread.start()
+        if self.phase == "warming":
+            self._warm_thread = threading.Thread(target=self.warm, name="adm-serve-warmup", daemon=True)
+            self._warm_thread.start()
 
-    def _warm(self) -> None:
+    def warm(self) -> None:
+        """Run the runtime's warm-up now; sets the phase to ``ready`` or ``failed``."""
         t0 = time.monotonic()
         try:
             self.runtime.warmup()
