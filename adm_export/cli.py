@@ -528,6 +528,8 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
 @click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port, printed).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: ONNX Runtime's default).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each U-Net step as a captured CUDA graph.")
+@click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
 @click.option("--max-batch", type=int, default=None,
               help="Most requests of the same length sampled in one U-Net batch [default: the bundle's limit].")
 @click.option("--max-wait-ms", type=float, default=10.0, show_default=True,
@@ -547,13 +549,14 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
 @click.option("--max-replicas", type=int, default=None, help="With --ray: autoscaling upper bound (turns it on).")
 @click.option("--ray-address", default=None, help="With --ray: a running cluster (default: a local Ray instance).")
 @handle_errors
-def serve_cmd(bundle, host, port, device, threads, max_batch, max_wait_ms, max_queue, timeout_s, drain_timeout_s,
-              api_key_file, use_ray, replicas, min_replicas, max_replicas, ray_address):
+def serve_cmd(bundle, host, port, device, threads, cuda_graph, prefer_nhwc, max_batch, max_wait_ms, max_queue,
+              timeout_s, drain_timeout_s, api_key_file, use_ray, replicas, min_replicas, max_replicas, ray_address):
     """Serve a bundle over HTTP: POST /v1/generate -> WAV, GET /health, GET /metrics (SIGTERM drains)."""
     from adm_export.serving.config import RayServeConfig, ServeConfig
 
     level = logging.getLevelName(logging.getLogger("adm_export").level).lower()
-    cfg = ServeConfig(bundle=str(bundle), host=host, port=port, device=device, threads=threads, max_batch=max_batch,
+    cfg = ServeConfig(bundle=str(bundle), host=host, port=port, device=device, threads=threads, cuda_graph=cuda_graph,
+                      prefer_nhwc=prefer_nhwc, max_batch=max_batch,
                       max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
                       drain_timeout_s=drain_timeout_s, api_key_file=api_key_file,
                       log_level=level if level in ("debug", "info", "warning") else "info")

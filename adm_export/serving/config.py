@@ -25,6 +25,8 @@ class ServeConfig:
         port: TCP port (0: any free port, printed at start).
         device: ``cpu`` or ``cuda``: where the runtime's ONNX Runtime sessions run.
         threads: ONNX Runtime CPU threads (0: ONNX Runtime's default).
+        cuda_graph: CUDA: replay each U-Net step as a captured CUDA graph (one per batch shape).
+        prefer_nhwc: CUDA: let ONNX Runtime use NHWC convolution kernels in the U-Net.
         max_batch: Most requests sampled together in one U-Net batch; ``None``: the bundle's limit.
         max_wait_ms: How long the oldest waiting request may wait for others to share its batch.
         max_queue: Most requests waiting for a batch; beyond it a request gets 503 with Retry-After.
@@ -40,6 +42,8 @@ class ServeConfig:
     port: int = 8000
     device: str = "cpu"
     threads: int = 0
+    cuda_graph: bool = False
+    prefer_nhwc: bool = False
     max_batch: int | None = None
     max_wait_ms: float = 10.0
     max_queue: int = 64
@@ -55,6 +59,8 @@ class ServeConfig:
             raise InvalidInputError(f"invalid --port {self.port!r}: must be 0..65535 (0: any free port)")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise InvalidInputError(f"invalid --threads {self.threads!r}: must be >= 0 (0: ONNX Runtime's default)")
+        if self.cuda_graph and self.device != "cuda":
+            raise InvalidInputError("--cuda-graph needs --device cuda; drop --cuda-graph to serve on the CPU")
         if self.max_batch is not None:
             _check_positive("--max-batch", self.max_batch)
         _check_positive("--max-queue", self.max_queue)

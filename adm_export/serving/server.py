@@ -7,6 +7,7 @@ and the process exits 0. A second signal stops at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -76,7 +77,11 @@ def load_runtime(cfg: ServeConfig):
     """The bundle runtime for ``cfg`` (a user error if the bundle is missing or changed)."""
     from adm_export.runtime import BundleRuntime, RuntimeOptions
 
-    return BundleRuntime(cfg.bundle, RuntimeOptions(device=cfg.device, threads=cfg.threads))
+    options = RuntimeOptions(device=cfg.device, threads=cfg.threads, cuda_graph=cfg.cuda_graph,
+                             prefer_nhwc=cfg.prefer_nhwc)
+    if cfg.max_batch is not None:  # the runtime sizes its limits (and CUDA graphs) for the largest batch
+        options = dataclasses.replace(options, max_batch=cfg.max_batch)
+    return BundleRuntime(cfg.bundle, options)
 
 
 def serve(cfg: ServeConfig, runtime=None) -> None:
