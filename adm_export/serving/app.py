@@ -90,7 +90,8 @@ class ServiceState:
         bundle_max = int(self.limits.get("max_batch") or 1)
         if cfg.max_batch is not None and cfg.max_batch > bundle_max:
             raise InvalidInputError(
-                f"--max-batch {cfg.max_batch} exceeds the bundle's largest batch {bundle_max}; pass at most {bundle_max}"
+                f"--max-batch {cfg.max_batch} exceeds the bundle's largest batch {bundle_max}; "
+                f"pass at most {bundle_max}"
             )
         self.max_batch = cfg.max_batch or bundle_max
         self.metrics = ServingMetrics(self.max_batch)
@@ -119,7 +120,7 @@ class ServiceState:
         t0 = time.monotonic()
         try:
             self.runtime.warmup()
-        except Exception as exc:  # noqa: BLE001 - reported by /health and ends the server
+        except Exception as exc:  # reported by /health; it ends the server
             logger.exception("warm-up failed")
             self.failure = f"warm-up failed: {type(exc).__name__}: {exc}"
             self.phase = "failed"
@@ -198,7 +199,8 @@ async def _await_job(state: ServiceState, job, request, deadline: float):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             state.batcher.cancel(job, "timeout")
-            raise ApiError(504, "timeout", f"no clip within --timeout {state.cfg.timeout_s:g} s; the request was dropped")
+            raise ApiError(504, "timeout",
+                           f"no clip within --timeout {state.cfg.timeout_s:g} s; the request was dropped")
         done, _ = await asyncio.wait({fut}, timeout=min(DISCONNECT_POLL_S, remaining))
         if done:
             return fut.result()
@@ -256,7 +258,8 @@ def create_app(runtime, cfg: ServeConfig, state: ServiceState | None = None):
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         logger.exception("unhandled error on %s", request.url.path)
-        return await api_error(request, ApiError(500, "internal", f"internal error ({type(exc).__name__}); see the server log"))
+        message = f"internal error ({type(exc).__name__}); see the server log"
+        return await api_error(request, ApiError(500, "internal", message))
 
     def authorize(request: Request) -> None:
         if state.api_key is None:
@@ -293,14 +296,15 @@ def create_app(runtime, cfg: ServeConfig, state: ServiceState | None = None):
         req = GenerationRequest(
             prompt=body.prompt,
             seconds=float(body.seconds if body.seconds is not None else _default_seconds(limits)),
-            steps=int(body.steps if body.steps is not None else min(DEFAULT_STEPS, int(limits.get("max_steps", DEFAULT_STEPS)))),
+            steps=body.steps if body.steps is not None else min(DEFAULT_STEPS, int(limits.get("max_steps", 1000))),
             guidance_scale=float(body.guidance if body.guidance is not None else DEFAULT_GUIDANCE),
             seed=int(body.seed if body.seed is not None else secrets.randbelow(2**31)),
         )
         try:
             runtime.validate(req)
         except AdmExportError as exc:
-            raise ApiError(422, "invalid_request", str(exc).splitlines()[0] if str(exc) else "invalid request") from None
+            message = str(exc).splitlines()[0] if str(exc) else "invalid request"
+            raise ApiError(422, "invalid_request", message) from None
         try:
             job = state.batcher.submit(req)
         except QueueFullError as exc:

@@ -21,7 +21,8 @@ import logging
 import math
 import threading
 import time
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class DynamicBatcher:
             waves = self.runtime.generate([j.request for j in batch], cancelled=lambda i: batch[i].cancelled)
             if len(waves) != len(batch):
                 raise RuntimeError(f"runtime returned {len(waves)} clips for a batch of {len(batch)}")
-        except BaseException as exc:  # noqa: BLE001 - every waiting client gets the failure
+        except BaseException as exc:  # every waiting client gets the failure
             logger.exception("batch of %d failed", len(batch))
             for j in batch:
                 if not j.future.done():

@@ -69,7 +69,9 @@ class ServeConfig:
         if not isinstance(self.max_wait_ms, (int, float)) or self.max_wait_ms < 0:
             raise InvalidInputError(f"invalid --max-wait-ms {self.max_wait_ms!r}: must be >= 0")
         if self.api_key_file is not None and not Path(self.api_key_file).is_file():
-            raise InvalidInputError(f"--api-key-file {self.api_key_file!r} is not a file; give a file holding the token")
+            raise InvalidInputError(
+                f"--api-key-file {self.api_key_file!r} is not a file; give a file holding the token"
+            )
 
 
 def read_api_key(path: str | None) -> str | None:

@@ -18,7 +18,8 @@ import dataclasses
 import logging
 import signal
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from adm_export.errors import InvalidInputError, MissingDependencyError
 from adm_export.serving.config import RayServeConfig, ServeConfig

@@ -108,8 +108,6 @@ def serve(cfg: ServeConfig, runtime=None) -> None:
     server.run()
     if state.failure is not None:
         raise ServerFailedError(state.failure)
-    if server.started is False and server.bound_port is None:
-        raise ServerFailedError(f"could not listen on {cfg.host}:{cfg.port} (in use, or not allowed); pass another --port")
 
 
 __all__ = ["DrainingServer", "load_runtime", "serve"]

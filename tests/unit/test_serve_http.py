@@ -20,17 +20,16 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import uvicorn
 
-httpx = pytest.importorskip("httpx", reason="the [test] extra installs httpx")  # noqa: F841 - CI has it
-uvicorn = pytest.importorskip("uvicorn")
-
-from adm_export.serving.app import ServiceState, create_app  # noqa: E402
-from adm_export.serving.config import ServeConfig  # noqa: E402
-from adm_export.serving.server import DrainingServer  # noqa: E402
-from tests.serving_fake import FakeRuntime, GenerationRequest  # noqa: E402
+from adm_export.serving.app import ServiceState, create_app
+from adm_export.serving.config import ServeConfig
+from adm_export.serving.server import DrainingServer
+from tests.serving_fake import FakeRuntime, GenerationRequest
 
 REPO = Path(__file__).resolve().parents[2]
 
