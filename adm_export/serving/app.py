@@ -6,7 +6,7 @@ uvicorn (:mod:`adm_export.serving.server`) and inside each Ray Serve replica
 (:mod:`adm_export.serving.ray_app`).
 
 Every answer other than a clip has one JSON shape, ``{"error": {"code": ..., "message": ...}}``
-with a one-line message: 401 ``unauthorized``, 422 ``invalid_request``, 503 ``overloaded`` (with
+with a one-line message: 401 ``unauthorized``, 413 ``too_large``, 422 ``invalid_request``, 503 ``overloaded`` (with
 ``Retry-After``) / ``not_ready`` / ``draining``, 504 ``timeout``, 500 ``internal`` (the traceback
 goes to the log, never to the client).
 """
@@ -48,6 +48,8 @@ DEFAULT_SECONDS = 2.56
 DEFAULT_STEPS = 10
 DEFAULT_GUIDANCE = 2.5
 DISCONNECT_POLL_S = 0.05
+# A request body is a prompt and four numbers: anything near this size is not one (413).
+MAX_BODY_BYTES = 64 * 1024
 # 499: nginx's "client closed request", for the metrics of requests whose client went away.
 STATUS_CLIENT_GONE = 499
 
@@ -173,7 +175,16 @@ def _validation_message(errors: list[dict[str, Any]]) -> str:
 
 
 async def _parse_body(request) -> GenerateBody:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, "too_large", f"request body of {declared} bytes; at most {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # chunked bodies have no length: count as they come
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, "too_large", f"request body over {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         raise ApiError(422, "invalid_request", "missing request body: send a JSON object, e.g. {\"prompt\": \"rain\"}")
     try:

@@ -155,6 +155,13 @@ class DynamicBatcher:
             self.metrics.cancelled.labels(reason=reason).inc()
         logger.info("request cancelled (%s)", reason)
 
+    def cancel_all(self, reason: str = "shutdown") -> None:
+        """Drop every queued and running job (a forced stop)."""
+        with self._cond:
+            jobs = list(self._queue) + list(self._running)
+        for job in jobs:
+            self.cancel(job, reason)
+
     # -- worker -------------------------------------------------------------------------------------
     def _gauges(self) -> None:
         if self.metrics is not None:

@@ -43,8 +43,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame) -> None:  # called from the signal handler
         if self.state.draining or self.state.phase != "ready":
-            # A second signal, or nothing to drain: stop now (uvicorn still finishes open responses).
-            self.force_exit = self.state.draining
+            # A second signal, or nothing to drain: stop now.
+            if self.state.draining:
+                self.force_exit = True
+                self.state.batcher.cancel_all("shutdown")
             self.should_exit = True
             return
         self.state.begin_drain()  # not uvicorn's captured signal: the process must end with 0, not re-raise it
@@ -101,8 +103,12 @@ def serve(cfg: ServeConfig, runtime=None) -> None:
     state = ServiceState(runtime, cfg)
     app = create_app(runtime, cfg, state)
     # 2. Listen at once; /health says 503 until the warm-up (in a thread) is done.
+    # Connections are bounded too (uvicorn answers 503 beyond): the queue's clients, one batch,
+    # and room for health checks and scrapes.
+    limit = 4 * (cfg.max_queue + state.max_batch) + 64
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, lifespan="on",
-                            timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 5, server_header=False)
+                            timeout_graceful_shutdown=int(cfg.drain_timeout_s) + 5, server_header=False,
+                            limit_concurrency=limit)
     server = DrainingServer(config, state)
     logger.info("serving %s (%s, max batch %d, queue %d)", runtime.model_id, cfg.device, state.max_batch, cfg.max_queue)
     server.run()

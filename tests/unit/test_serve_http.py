@@ -232,6 +232,20 @@ def test_bad_requests_get_422_with_one_line(serving_url, body, fragment):
     assert fragment in msg and "\n" not in msg and "Traceback" not in msg and len(msg) < 200, msg
 
 
+def test_an_oversized_body_gets_413_and_memory_stays_bounded(serving_url):
+    r = httpx.post(serving_url + "/v1/generate", content=b'{"prompt": "' + b"x" * 200_000 + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+
+    def chunked():  # no Content-Length: counted as it streams
+        yield b'{"prompt": "'
+        for _ in range(100):
+            yield b"x" * 1000
+        yield b'"}'
+
+    r = httpx.post(serving_url + "/v1/generate", content=chunked())
+    assert r.status_code == 413
+
+
 def test_bad_format_and_unknown_routes(serving_url):
     r = post(serving_url, {"prompt": "x"}, params={"format": "mp3"})
     assert r.status_code == 422 and "format" in r.json()["error"]["message"]
