@@ -439,12 +439,11 @@ def _local_base_image(tmp: Path) -> str:
     return BASE_TAG
 
 
-@pytest.mark.slow
-def test_cpu_image_builds_and_runs_the_gate(tmp_path):
-    """Build docker/Dockerfile.cpu with buildah from a local Debian base; run adm-ci-gate inside."""
+def build_cpu_image(tmp: Path) -> str:
+    """Build docker/Dockerfile.cpu with buildah from a local Debian base (layers cached); returns its tag."""
     if shutil.which("buildah") is None:
         pytest.skip("no rootless image builder (apt-get install buildah)")
-    base = _local_base_image(tmp_path)
+    base = _local_base_image(tmp)
     args = ["bud", "--format", "docker", "--isolation", "chroot", "--network", "host", "--layers",
             "--build-arg", f"BASE_IMAGE={base}", "-f", "docker/Dockerfile.cpu", "-t", IMAGE_TAG]
     # Use the machine's pip set-up: its certificate bundle (TLS-intercepting proxies) and a local
@@ -456,7 +455,13 @@ def test_cpu_image_builds_and_runs_the_gate(tmp_path):
     if Path(links).is_dir() and list(Path(links).glob("torch-*+cpu-*.whl")):
         args += ["-v", f"{links}:/wheels:ro", "--build-arg", "PIP_FIND_LINKS=/wheels", "--build-arg", "TORCH_INDEX_URL="]
     _buildah(*args, ".", cwd=REPO, timeout=3600)
+    return IMAGE_TAG
 
+
+@pytest.mark.slow
+def test_cpu_image_builds_and_runs_the_gate(tmp_path):
+    """Build docker/Dockerfile.cpu with buildah from a local Debian base; run adm-ci-gate inside."""
+    build_cpu_image(tmp_path)
     cache, out = tmp_path / "cache", tmp_path / "out"
     for d in (cache, out):
         d.mkdir()

@@ -114,3 +114,43 @@ def test_a_missing_bundle_is_one_error_line(tmp_path):
     result = run("serve", tmp_path / "nope", "--port", "0")
     assert result.exit_code == 1
     assert "nope" in one_error_line(result)
+
+
+# What the compose service runs, inside the CPU image: serve, a clip, the health check, SIGTERM -> 0.
+_IN_IMAGE = r"""
+adm-export serve /bundle --host 127.0.0.1 --port 18080 --threads 1 & pid=$!
+python - <<'PY'
+import io, json, time, urllib.request
+import soundfile as sf
+for _ in range(600):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:18080/health", timeout=4)  # compose's health check
+        break
+    except Exception:
+        time.sleep(0.2)
+body = json.dumps({"prompt": "a loud siren", "seconds": 1.0, "steps": 3, "seed": 1}).encode()
+wav = urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:18080/v1/generate", data=body)).read()
+w, sr = sf.read(io.BytesIO(wav))
+print(f"CLIP {len(w)} {sr}")
+PY
+kill -TERM $pid
+wait $pid
+echo "EXIT $?"
+"""
+
+
+@pytest.mark.slow
+def test_cpu_image_serves_a_bundle(tiny_bundle, tmp_path):
+    """docker/Dockerfile.cpu built with buildah (as the gate's image test does) runs the compose command."""
+    from tests.unit.test_ci_gate import _buildah, build_cpu_image
+
+    image = build_cpu_image(tmp_path)
+    for path in [tiny_bundle, *tiny_bundle.rglob("*")]:  # the image runs as uid 1000
+        path.chmod(path.stat().st_mode | 0o444 | (0o111 if path.is_dir() else 0))
+    ctr = _buildah("from", image).stdout.strip()
+    try:
+        proc = _buildah("run", "--isolation", "chroot", "-v", f"{tiny_bundle}:/bundle:ro", ctr, "--", "sh", "-c",
+                        _IN_IMAGE, check=False, timeout=600)
+    finally:
+        _buildah("rm", ctr, check=False)
+    assert "CLIP 16000 16000" in proc.stdout and "EXIT 0" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
