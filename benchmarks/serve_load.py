@@ -8,9 +8,9 @@ Everything runs on this machine, over loopback, bounded in requests and time:
    clip: what serving meant before `serve`);
 2. the bundle runtime in this process, warm, one clip per call (the strongest unbatched baseline;
    its median is the "single in-process call" that p95 at concurrency 1 is held against);
-3. `adm-export serve BUNDLE` in a subprocess, at each concurrency level: `--requests-per-level`
-   requests (at least the concurrency), distinct prompts and seeds, all of one length (so they may
-   share batches), within `--level-timeout` seconds.
+3. `adm-export serve BUNDLE` in a subprocess, at each concurrency level C: max(2C,
+   `--requests-per-level`) requests from C client threads, distinct prompts and seeds, all of one
+   length (so they may share batches), each within `--level-timeout` seconds.
 
 Targets (issue 15, on one GPU): at concurrency 8, >= 4x the clips/s of sequential generate calls;
 p95 at concurrency 1 within 1.2x of a single in-process call.
@@ -189,7 +189,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.56)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests-per-level", type=int, default=64, help="requests per level (at least the concurrency)")
+    ap.add_argument("--requests-per-level", type=int, default=24, help="requests per level (at least 2x the concurrency)")
     ap.add_argument("--generate-calls", type=int, default=5)
     ap.add_argument("--inprocess-calls", type=int, default=10)
     ap.add_argument("--max-batch", type=int, default=8)
@@ -223,7 +223,7 @@ def main() -> int:
         levels = []
         try:
             for c in args.concurrency:
-                levels.append(load_level(server.url, c, max(c, args.requests_per_level), args))
+                levels.append(load_level(server.url, c, max(2 * c, args.requests_per_level), args))
                 print(f"  concurrency {c}: {levels[-1]['clips_per_s']:.2f} clips/s", file=sys.stderr)
         finally:
             exit_code = server.stop()
