@@ -4,8 +4,11 @@ The event loop only submits jobs and awaits their futures; sampling runs in the 
 thread (ONNX Runtime releases the GIL), so health checks and metrics answer during a long batch.
 
 A batch starts when the worker is free and either ``max_batch`` jobs of the oldest job's key are
-waiting or the oldest job has waited ``max_wait_ms``; while a batch runs, new jobs accumulate and
-form the next one. Jobs of other keys wait their turn in arrival order (the oldest job always
+waiting or ``max_wait_ms`` have passed since the later of the oldest job's arrival and the end of
+the previous batch; while a batch runs, new jobs accumulate and form the next one. Counting the wait
+from the previous batch's end too lets the clients it just answered come back and join: with the
+oldest job's arrival alone, closed-loop clients settle into alternating batches (7 + 1 at 8 clients
+and batch 8), half the throughput of full batches on a GPU. Jobs of other keys wait their turn in arrival order (the oldest job always
 chooses the next key, so no key starves). At most ``max_queue`` jobs wait (:class:`QueueFullError`
 beyond), plus at most ``max_batch`` being sampled: memory is bounded whatever the load.
 
@@ -86,6 +89,7 @@ class DynamicBatcher:
         self._accepting = True
         self._thread: threading.Thread | None = None
         self._batch_seconds_ema: float | None = None
+        self._free_since = 0.0  # monotonic time the last batch ended
 
     # -- state --------------------------------------------------------------------------------------
     @property
@@ -178,7 +182,7 @@ class DynamicBatcher:
                     return None
                 head = self._queue[0]
                 batch = [j for j in self._queue if j.key == head.key][: self.max_batch]
-                remaining = head.arrived + self.max_wait - time.monotonic()
+                remaining = max(head.arrived, self._free_since) + self.max_wait - time.monotonic()
                 if len(batch) >= self.max_batch or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)  # more jobs, a cancel, or the wait is over: look again
@@ -223,6 +227,7 @@ class DynamicBatcher:
             0.7 * self._batch_seconds_ema + 0.3 * seconds)
         with self._cond:
             self._running = []
+            self._free_since = time.monotonic()
             self._gauges()
             self._cond.notify_all()
         if self.metrics is not None:
