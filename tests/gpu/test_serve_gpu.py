@@ -27,9 +27,10 @@ pytestmark = pytest.mark.skipif(
 def cuda_runtime(tmp_path_factory):
     """tiny-audioldm's FP32 engine bundled, run on CUDA with CUDA graphs (batches of up to 4)."""
     from adm_export.bundle import BundleConfig, bundle
-    from adm_export.models import load_model
     from adm_export.runtime import BundleRuntime, RuntimeOptions
     from tests.bundle_helpers import fp32_engines
+
+    from adm_export.models import load_model
 
     adapter = load_model("tiny-audioldm")
     root = tmp_path_factory.mktemp("serve-gpu")
@@ -50,7 +51,7 @@ def test_cuda_serve_batches_and_a_clip_is_the_same_alone(cuda_runtime):
 
     bodies = [{"prompt": p, "seconds": 1.28, "steps": 8, "guidance": 2.5, "seed": s}
               for s, p in enumerate(["a dog barks", "rain on a tin roof", "a siren", "birds at dawn"])]
-    with running(cuda_runtime, max_batch=4, max_wait_ms=300) as (url, state):
+    with running(cuda_runtime, max_batch=4, max_wait_ms=300) as (url, _):
         with concurrent.futures.ThreadPoolExecutor(5) as pool:
             futures = [pool.submit(httpx.post, url + "/v1/generate", json=b, timeout=120) for b in bodies]
             time.sleep(0.35)

@@ -60,7 +60,7 @@ def test_keys_never_mix_and_the_oldest_key_goes_first():
 def test_queue_bound_and_cancel_in_the_queue():
     rt = FakeRuntime()
     b = DynamicBatcher(rt, max_batch=1, max_wait_ms=0, max_queue=2)  # not started: nothing leaves the queue
-    a, c = b.submit(req(1)), b.submit(req(2))
+    a, _ = b.submit(req(1)), b.submit(req(2))
     with pytest.raises(QueueFullError) as exc:
         b.submit(req(3))
     assert exc.value.retry_after >= 1

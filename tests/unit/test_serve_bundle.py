@@ -105,7 +105,7 @@ def test_a_clip_is_the_same_alone_or_in_a_batch(server, tiny_bundle):
 
 
 def test_sigterm_exits_0(server):
-    url, proc = server
+    _, proc = server
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
 
