@@ -106,13 +106,15 @@ def manifest_digest(manifest: dict) -> str:
     return sha256_json({"files": manifest.get("files"), "config": manifest.get("config")})[:16]
 
 
-def read_manifest(folder: str | os.PathLike, stage: str, flag: str) -> dict:
+def read_manifest(folder: str | os.PathLike, stage: str, flag: str, verify_hashes: bool = False) -> dict:
     """Read and validate the manifest of a stage's artifact folder.
 
     Args:
         folder: The artifact folder.
         stage: The stage that must have written it.
         flag: The CLI flag that names this folder, for error messages.
+        verify_hashes: Also compare every file's SHA-256 with the manifest (a same-size edit is
+            caught too; costs one read of every file). Without it only sizes are compared.
 
     Raises:
         ArtifactNotFoundError: The folder or its manifest is missing.
@@ -138,7 +140,8 @@ def read_manifest(folder: str | os.PathLike, stage: str, flag: str) -> dict:
         )
     for name, info in manifest.get("files", {}).items():
         f = folder / name
-        if not f.is_file() or f.stat().st_size != info["bytes"]:
+        if not f.is_file() or f.stat().st_size != info["bytes"] or (
+                verify_hashes and sha256_file(f) != info["sha256"]):
             raise ManifestMismatchError(
                 f"{flag} {str(folder)!r}: file {name!r} is missing or changed since the manifest "
                 f"was written; re-run the {stage} stage"

@@ -15,11 +15,11 @@ def validate(cfg: BuildConfig) -> None:
     """Check the settings that only a later stage would otherwise reject."""
     from adm_export.config import EngineBackend
     from adm_export.errors import InvalidInputError
-    from adm_export.export import recipes
+    from adm_export.formats import recipes
 
     recipes.quant_config(cfg.quantize.precision)
     if cfg.quantize.policy:
-        from adm_export.export.policy import load_policy
+        from adm_export.formats.policy import load_policy
 
         load_policy(cfg.quantize.policy)
     if cfg.export.placement != cfg.quantize.placement:
@@ -66,7 +66,7 @@ def build(cfg: BuildConfig) -> dict:
 
 def _searched(cfg: BuildConfig) -> bool:
     """Whether the quantize stage runs the (rank-split) sensitivity search."""
-    from adm_export.export import policy as pol
+    from adm_export.formats import policy as pol
 
     return (pol.load_policy(cfg.quantize.policy) if cfg.quantize.policy else pol.preset(cfg.quantize.precision.value)).searched
 
@@ -78,8 +78,8 @@ def _build(cfg: BuildConfig, out) -> dict | None:
     from adm_export.eval.harness import evaluate
     from adm_export.eval.report import make_report, write_report
     from adm_export.export.onnx import export_onnx
-    from adm_export.export.quantize import quantize
     from adm_export.models import load_model
+    from adm_export.quantize.stage import quantize
 
     timings: dict[str, float] = {}
     with timed_stage("load model", logger, timings):
@@ -115,7 +115,7 @@ def _build(cfg: BuildConfig, out) -> dict | None:
                          onnx_manifest, engine, result, quant, calib)
     if report.get("quantization") is not None:
         # Mixed precision and policies: what each layer got, what the target made us change, and
-        # the search's ranking / predicted vs measured error (export.quantize manifest).
+        # the search's ranking / predicted vs measured error (quantize stage manifest).
         report["quantization"].update({k: quant.get(k) for k in ("formats", "capability", "search", "placement")})
     write_report(out, report)
     return report

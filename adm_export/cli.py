@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from adm_export import __version__
-from adm_export.config import DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
+from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
 from adm_export.errors import AdmExportError
 
 logger = logging.getLogger("adm_export")
@@ -158,7 +158,7 @@ def calibration_options(f):
         click.option("--select", type=_choices(SelectMethod), default=SelectMethod.ACTIVATION.value, show_default=True,
                      help="How calibration points are chosen (activation: activation-aware, from per-layer "
                           "activation statistics of every step and prompt)."),
-        click.option("--seconds", type=float, default=2.56, show_default=True, help="Audio length of calibration runs."),
+        click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Audio length of calibration runs."),
         click.option("--guidance-scale", type=float, default=2.5, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
@@ -208,7 +208,7 @@ def eval_options(f):
     opts = [
         click.option("--num-clips", type=int, default=8, show_default=True, help="Clips per run (baseline, engine)."),
         click.option("--eval-steps", type=int, default=10, show_default=True, help="Sampler steps per clip."),
-        click.option("--eval-seconds", type=float, default=2.56, show_default=True, help="Clip length."),
+        click.option("--eval-seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Clip length."),
         click.option("--max-fd-increase", type=float, default=50.0, show_default=True,
                      help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
         click.option("--max-drift", type=float, default=25.0, show_default=True,
@@ -360,7 +360,7 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
              sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
     from adm_export.config import QuantizeConfig
-    from adm_export.export.quantize import quantize as run
+    from adm_export.quantize.stage import quantize as run
 
     cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                          target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,
@@ -490,7 +490,7 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="File with one prompt per line.")
-@click.option("--seconds", type=float, default=2.56, show_default=True)
+@click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--guidance-scale", type=float, default=2.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -571,6 +571,26 @@ def serve_cmd(bundle, host, port, device, threads, cuda_graph, prefer_nhwc, max_
     from adm_export.serving.server import serve
 
     serve(cfg)
+
+
+@cli.command("bundle")
+@click.argument("build_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
+@click.option("--model", default=None, help="Model to load (default: the engine's; must be the same weights).")
+@click.option("--max-seconds", type=float, default=30.0, show_default=True,
+              help="Longest clip the runtime accepts by default.")
+@handle_errors
+def bundle_cmd(build_dir, out, force, model, max_seconds):
+    """Bundle a build for the torch-free runtime: engine, text encoder(s), VAE decoder, vocoder as ONNX."""
+    from adm_export.bundle import BundleConfig, bundle
+
+    result = bundle(BundleConfig(build_dir=str(build_dir), out=str(out), force=force, model=model,
+                                 max_seconds=max_seconds))
+    worst = max(max(p["rel_l2"]) for p in result.parity.values())
+    click.echo(f"{len(result.files)} files, {sum(result.files.values()) / 1e6:.1f} MB; components vs torch: "
+               f"max rel. L2 {worst:.1e} ({', '.join(result.parity)}) -> {out}")
 
 
 @cli.command()

@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from adm_export.errors import InvalidInputError
+from adm_export.formats.capabilities import parse_target
+from adm_export.formats.recipes import Precision
 
 DEFAULT_MODEL = "reference-audioldm"
-
-
-class Precision(str, enum.Enum):
-    """Quantization presets (``--precision``)."""
-
-    INT8 = "int8"
-    FP8 = "fp8"
-    W4A8 = "w4a8"
-    MIXED = "mixed"
+#: Audio length (seconds) of calibration runs, eval clips, generated clips and export examples when
+#: not given: the reference model's training clip length (256 mel frames at 100 frames per second).
+DEFAULT_AUDIO_SECONDS = 2.56
 
 
 class EngineBackend(str, enum.Enum):
@@ -105,7 +101,7 @@ class CalibrationConfig:
     steps: int = 10
     points: int = 16
     select: SelectMethod = SelectMethod.ACTIVATION
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     guidance_scale: float = 2.5
     seed: int = 0
     device: str = "cpu"
@@ -133,7 +129,7 @@ class QuantizeConfig:
         precision: Quantization preset.
         size_budget: For ``mixed``: exported U-Net weight bytes at most this fraction of FP32.
         device: ``cpu`` or ``cuda``.
-        policy: A user policy JSON file (``--policy``; see ``export.policy``); replaces the preset's.
+        policy: A user policy JSON file (``--policy``; see ``formats.policy``); replaces the preset's.
         target: Serving target whose capabilities the formats are checked against (``--target``).
         allow_adjust: Change formats the target cannot run instead of refusing (``--allow-adjust``).
         placement: Q/DQ placement; ``onnxruntime`` also quantizes INT8 convolutions' outputs.
@@ -167,8 +163,6 @@ class QuantizeConfig:
             )
         if self.precision == Precision.MIXED and self.size_budget is None:
             raise InvalidInputError("--precision mixed needs --size-budget F (fraction of the FP32 size, e.g. 0.2)")
-        from adm_export.export.capabilities import parse_target
-
         parse_target(self.target)
         _positive("--sensitivity-points", self.sensitivity_points)
         if self.sensitivity_granularity not in ("layer", "block"):
@@ -231,10 +225,10 @@ class EvalConfig:
         audio_seconds: Clip length.
         guidance_scale: Classifier-free guidance scale.
         max_fd_increase: Gate threshold in percent on ``100 * (FD(engine, ref) - FD(baseline, ref))
-            / FD(baseline, ref)`` (see ``eval.harness``); ``None`` disables this check.
+            / FD(baseline, ref)`` (see ``eval.scoring``); ``None`` disables this check.
         max_drift: Gate threshold in percent on the paired drift: mean squared embedding distance
             of each engine clip to its own baseline clip over twice the baseline set's total
-            variance (see ``eval.harness.paired_drift_pct``); ``None`` disables this check.
+            variance (see ``eval.fd.paired_drift_pct``); ``None`` disables this check.
         embedder: Embedder name (``logmel`` is weight-free and always available); ``None``: the
             model's (``reference-clap`` for the reference model, else ``logmel``).
         embedder_checkpoint: Weights file or folder of a pretrained embedder.
@@ -250,7 +244,7 @@ class EvalConfig:
 
     num_clips: int = 8
     steps: int = 10
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     guidance_scale: float = 2.5
     max_fd_increase: float | None = 50.0
     embedder: str | None = None

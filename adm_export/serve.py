@@ -175,7 +175,7 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     import contextlib
 
     from adm_export.engines.stage import load_ort_denoiser
-    from adm_export.eval.harness import write_clips
+    from adm_export.eval.clips import write_clips
     from adm_export.models import load_model
 
     # 1. Validate everything that needs no model before loading one.

@@ -7,7 +7,7 @@ quantized layers (``calibration.stats``) and every denoiser input (benchmark onl
 run for all methods; the calibrate stage keeps only the selected ones). Each selection method then
 picks K points of that pool, exactly as ``calibrate`` would (``latents.select_indices`` and
 ``selection.select_activation`` on the same statistics), the U-Net is quantized with ModelOpt
-(``export.quantize.quantize_denoiser``, preset int8), and the quantized U-Net is compared with
+(``quantize.modelopt.quantize_denoiser``, preset int8), and the quantized U-Net is compared with
 full precision on **held-out** trajectories (prompts in neither calibration set, other seeds):
 
 * per-step relative L2 of the noise prediction on the full-precision trajectory's inputs
@@ -111,7 +111,7 @@ def batched_outputs(adapter, module, calls: list[dict], chunk: int = 5):
     """The denoiser's outputs on the recorded calls, ``chunk`` calls per batch (rows concatenated)."""
     import torch
 
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
 
     outs = []
     for i in range(0, len(calls), chunk):
@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     from adm_export.calibration.selection import errors_for_amax, layer_errors, select_activation
     from adm_export.calibration.stats import StatsRecorder, memory_bytes
     from adm_export.config import CalibrationConfig, QuantizeConfig, SelectMethod
-    from adm_export.export.quantize import quantize_denoiser
+    from adm_export.quantize.modelopt import quantize_denoiser
 
     t_start = time.time()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +254,7 @@ def main(argv=None) -> dict:
                "final_snr_db": float(np.mean(snrs)), "final_snr_db_per_clip": snrs}
         if embedder is not None:
             from adm_export.eval.fd import frechet_distance
-            from adm_export.eval.harness import paired_drift_pct
+            from adm_export.eval.fd import paired_drift_pct
 
             q_emb = embedder.fd_embeddings(audios, adapter.sampling_rate)
             # Key kept from the logmel-only version; the embedder is in the JSON's args.

@@ -69,7 +69,7 @@ def synthetic_trajectory(adapter, frames: int, seed: int, steps: int = 4):
     """
     import torch
 
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
 
     sched_cls = type(adapter.pipeline.scheduler)
     base = make_points(adapter, 1, frames, seed)[0]
@@ -90,9 +90,11 @@ def synthetic_trajectory(adapter, frames: int, seed: int, steps: int = 4):
 def run_preset(name, adapter, cache, eval_points, refs, budget, sens_points, workdir, parity, granularity="layer",
                trajectory_check=2):
     from adm_export.config import QuantizeConfig
-    from adm_export.export import policy as pol
     from adm_export.export.onnx import build_onnx, export_opset, save_onnx, weight_codecs
-    from adm_export.export.quantize import plan_layers, quantize_with_plans, rel_l2, run_denoiser, search_mixed
+    from adm_export.formats import policy as pol
+    from adm_export.numerics import rel_l2, run_denoiser
+    from adm_export.quantize.modelopt import plan_layers, quantize_with_plans
+    from adm_export.quantize.search import search_mixed
 
     t0 = time.perf_counter()
     cfg = QuantizeConfig(precision=name, size_budget=budget if name == "mixed" else None,
@@ -205,7 +207,7 @@ def main(argv=None) -> dict:
     for noisy in ("modelopt", "torch", "diffusers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
 
     adapter = make_adapter(args.seed)
     params = adapter.denoiser_parameter_count()

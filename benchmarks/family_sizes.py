@@ -137,9 +137,11 @@ def measure(name: str, workdir: Path, frames: int, points: int) -> dict:
     import onnx
     import torch
 
-    from adm_export.export import onnx_graph, recipes
+    from adm_export.export import onnx_graph
     from adm_export.export.onnx import save_onnx, torch_to_onnx
-    from adm_export.export.quantize import _mtq, round_high_precision_weights
+    from adm_export.formats import recipes
+    from adm_export.numerics import import_modelopt
+    from adm_export.quantize.modelopt import round_high_precision_weights
 
     t0 = time.perf_counter()
     unet, adapter, source = build_family(name)
@@ -165,7 +167,7 @@ def measure(name: str, workdir: Path, frames: int, points: int) -> dict:
 
     # 2. INT8: ModelOpt fake quant in place (the preset the build uses), calibrated on random
     #    inputs (scales matter, sizes do not), then the export stage's weight folding.
-    mtq, _ = _mtq()
+    mtq, _ = import_modelopt()
     calib = [spec.dummy_inputs(2, frames, seed=s) for s in range(points)]
 
     def forward_loop(m):

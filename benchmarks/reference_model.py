@@ -39,10 +39,10 @@ def quality(n: int, steps: int, batch: int) -> dict:
     import torch
 
     from adm_export.eval import fd as fdlib
-    from adm_export.reference import components as C
+    from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder
+    from adm_export.models import reference_components as C
+    from adm_export.models.reference import load_reference_pipeline
     from adm_export.reference import corpus
-    from adm_export.reference.embedder import ReferenceClapEmbedder
-    from adm_export.reference.model import load_reference_pipeline
 
     pipe = load_reference_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -50,7 +50,7 @@ def quality(n: int, steps: int, batch: int) -> dict:
     held = list(corpus.corpus(n, seed=1))
     other = list(corpus.corpus(n, seed=2))
     caps = [c.caption for c in held]
-    labels = np.array([C.label_vector(c.spec)[0] for c in held])
+    labels = np.array([corpus.label_vector(c.spec)[0] for c in held])
     gen = []
     t0 = time.time()
     for s in range(0, n, batch):

@@ -2,7 +2,7 @@
 """Multi-GPU scaling of the data-parallel loops (issue 10): eval generation and the sensitivity search.
 
 Runs the project's own sharded code paths (``adm_export.eval.harness.generate_with_trajectory`` and
-``adm_export.export.sensitivity.measure`` under torch.distributed, :mod:`adm_export.distributed`)
+``adm_export.quantize.sensitivity.measure`` under torch.distributed, :mod:`adm_export.distributed`)
 at 1, 2 and 4 processes, one GPU each, launched by torchrun in the same call, and prints the
 throughput and the speed-up over 1 GPU:
 
@@ -87,8 +87,10 @@ def worker(args) -> None:
     from adm_export import distributed as dist
     from adm_export.config import EvalConfig
     from adm_export.eval.harness import CHUNK, eval_prompts, generate_with_trajectory
-    from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+    from adm_export.formats import policy as pol
+    from adm_export.numerics import run_denoiser
+    from adm_export.quantize import sensitivity
+    from adm_export.quantize.modelopt import quantize_with_plans
 
     dist.init()
     cuda = torch.cuda.is_available() and not args.smoke

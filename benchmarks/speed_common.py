@@ -184,7 +184,7 @@ def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, 
     from adm_export.calibration.latents import calibrate
     from adm_export.config import CalibrationConfig, ExportConfig, QuantizeConfig
     from adm_export.export.onnx import export_onnx
-    from adm_export.export.quantize import quantize
+    from adm_export.quantize.stage import quantize
 
     workdir = Path(workdir)
     seconds = {}

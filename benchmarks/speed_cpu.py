@@ -131,7 +131,7 @@ def measure(size: str, adapter, info: dict, args, results: dict) -> None:
 
     from adm_export.engines.onnxruntime import OrtEngine, OrtOptions
     from adm_export.engines.stage import ort_layer_precisions
-    from adm_export.export.quantize import rel_l2
+    from adm_export.numerics import rel_l2
 
     spec = adapter.denoiser_spec()
     frames = spec.frames_for_seconds(args.seconds)

@@ -129,7 +129,7 @@ class Race:
             torch.cuda.synchronize()
 
     def add_row(self, path: str, batch: int, timing: dict | None, out=None, **extra):
-        from adm_export.export.quantize import rel_l2
+        from adm_export.numerics import rel_l2
 
         row = {"path": path, "batch": batch, **(timing or {}), **extra}
         if out is not None and batch in self.reference:

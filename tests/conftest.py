@@ -37,3 +37,27 @@ def tiny_adapter():
     from adm_export.models import load_model
 
     return load_model("tiny-audioldm")
+
+
+@pytest.fixture(autouse=True)
+def _default_package_logger():
+    """Give every test the ``adm_export`` logger in its default state (no handler, propagating).
+
+    An in-process CLI run (``cli._setup_logging``, also inside session fixtures such as
+    :func:`tiny_build`) gives that logger its own handler and ``propagate = False``: right for a
+    CLI process, but inside the test session it hid every later record from pytest's ``caplog``
+    (which listens on the root logger), so tests asserting on log lines failed whenever a CLI test
+    had run before them. Reset after the wider-scoped fixtures are set up and again afterwards.
+    """
+    import logging
+
+    logger = logging.getLogger("adm_export")
+
+    def reset() -> None:
+        logger.handlers[:] = []
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
+
+    reset()
+    yield
+    reset()

@@ -108,3 +108,15 @@ def load_cache(folder: str | Path, model: dict | None = None, flag: str = "--cal
         manifest=manifest,
         path=folder,
     )
+
+
+def parity_indices(size: int, n: int) -> list[int]:
+    """Indices of ``n`` points spread evenly over a cache of ``size`` (early and late steps both)."""
+    import numpy as np
+
+    return sorted(set(np.linspace(0, size - 1, min(n, size)).round().astype(int).tolist()))
+
+
+def parity_points(cache, n: int) -> list[dict]:
+    """``n`` cached points spread evenly over the cache (:func:`parity_indices`)."""
+    return [cache.point(i) for i in parity_indices(len(cache), n)]

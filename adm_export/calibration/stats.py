@@ -1,7 +1,7 @@
 """Cheap per-layer activation statistics recorded while the sampler runs.
 
 For every layer that will be quantized (the inputs of ``nn.Conv2d`` / ``nn.Linear`` modules
-outside :data:`adm_export.export.recipes.HIGH_PRECISION_LAYERS`) a forward pre-hook reduces the
+outside :data:`adm_export.formats.recipes.HIGH_PRECISION_LAYERS`) a forward pre-hook reduces the
 layer's input of one denoiser call to a fixed-size record:
 
 * ``absmax``: the largest ``|x|`` (what ModelOpt's ``max`` calibrator takes the max of);
@@ -77,11 +77,11 @@ def quantized_layers(denoiser) -> list[str]:
     """Names of the conv / linear modules whose inputs the quantize stage quantizes.
 
     A module is excluded when its input quantizer name (``<module>.input_quantizer``) matches a
-    pattern of :data:`adm_export.export.recipes.HIGH_PRECISION_LAYERS`, as ModelOpt matches it.
+    pattern of :data:`adm_export.formats.recipes.HIGH_PRECISION_LAYERS`, as ModelOpt matches it.
     """
     import torch
 
-    from adm_export.export.recipes import HIGH_PRECISION_LAYERS
+    from adm_export.formats.recipes import HIGH_PRECISION_LAYERS
 
     names = []
     for name, module in denoiser.named_modules():

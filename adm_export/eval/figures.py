@@ -57,7 +57,7 @@ def log_mel_db(wave: np.ndarray, sr: int) -> np.ndarray:
     """Log-mel power in dB, ``(mels, frames)``, at 16 kHz (window 512, hop 160, 64 mels 50-8000 Hz)."""
     from scipy.signal import resample_poly
 
-    from adm_export.eval.embedders import mel_filterbank, power_spectrogram
+    from adm_export.audio import mel_filterbank, power_spectrogram
 
     x = np.asarray(wave, dtype=np.float64).reshape(-1)
     x = np.nan_to_num(x)  # a broken engine's clip must still draw (as silence where it is NaN)
@@ -248,3 +248,51 @@ def fd_interval_chart(rows: Sequence[dict], path: str | Path, gate: dict | None 
         g.set_title(f"Quality gate: {'PASSED' if passed else 'FAILED'}", fontsize=10,
                     color="C2" if passed else "C3", fontweight="bold")
     return _save(fig, path)
+
+
+# The eval result's figures (what the eval stage draws) and the rows of its FD chart.
+
+#: Clips shown in the spectrogram grid.
+SPECTROGRAM_ROWS = 3
+
+
+def write_figures(folder: Path, result: dict, baseline: Sequence[np.ndarray], quantized: Sequence[np.ndarray],
+                  sr: int, prompts: Sequence[str]) -> dict[str, str]:
+    """Draw the eval figures into ``folder/figures``; returns their paths relative to ``folder``."""
+    fig_dir = Path(folder) / "figures"
+    out = {}
+    spectrogram_grid(baseline, quantized, sr, prompts, fig_dir / "spectrograms.png", rows=SPECTROGRAM_ROWS)
+    out["spectrograms"] = "figures/spectrograms.png"
+    median = result.get("latent_rel_l2_per_step_median") or []
+    if median and None not in median:
+        latent_error_curve(median, fig_dir / "latent_error.png", low=result["latent_rel_l2_per_step_p10"],
+                                   high=result["latent_rel_l2_per_step_p90"], timesteps=result.get("timesteps"))
+        out["latent_error"] = "figures/latent_error.png"
+    fd_interval_chart(fd_rows(result), fig_dir / "fd.png", gate=gate_row(result),
+                              metric_name="FAD" if str(result.get("fd_kind", "")).startswith("FAD") else "FD")
+    out["fd"] = "figures/fd.png"
+    return out
+
+
+def fd_rows(result: dict, prefix: str = "") -> list[dict]:
+    """The rows of the FD chart of one eval result (``prefix`` names the configuration)."""
+    ref = (result.get("reference") or {}).get("kind", "reference")
+    ref_name = "reference folder" if ref == "folder" else "reference draw"
+    intervals = result.get("intervals") or {}
+    fd_inf = result.get("fd_inf") or {}
+    rows = []
+    for key, label in (("fd_quantized_vs_baseline", "quantized vs baseline"),
+                       ("fd_baseline_vs_ref", f"baseline vs {ref_name}"),
+                       ("fd_quantized_vs_ref", f"quantized vs {ref_name}")):
+        rows.append({"label": prefix + label, "value": result.get(key), "ci": (intervals.get(key) or {}).get("ci"),
+                     "fd_inf": (fd_inf.get(key) or {}).get("fd_inf")})
+    return rows
+
+
+def gate_row(result: dict) -> dict | None:
+    """The gate panel of the FD chart: every gated metric with its interval and threshold."""
+    gate = result.get("gate") or {}
+    labels = {"fd_increase_pct": "FD increase", "paired_drift_pct": "paired drift"}
+    checks = [{**c, "label": labels.get(c["metric"], c["metric"])} for c in gate.get("checks", [])
+              if c["metric"] in labels and c.get("value") is not None]
+    return {"passed": gate.get("passed"), "checks": checks} if checks else None

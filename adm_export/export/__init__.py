@@ -1,1 +1,1 @@
-"""Quantization (ModelOpt) and ONNX export of the denoiser."""
+"""ONNX export of the (quantized) denoiser: graph passes, low-bit initializers, parity, the FP16 export."""

@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_manifest
-from adm_export.config import DEFAULT_MODEL, to_dict
+from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, to_dict
 from adm_export.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class FullPrecisionExportConfig:
     fp16: bool = True
     opset: int = 17
     device: str = "cpu"
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     parity: bool = True
 
     def __post_init__(self):
@@ -131,7 +131,7 @@ def export_full_precision(cfg: FullPrecisionExportConfig, out: str | Path, adapt
 
     from adm_export.engines.onnxruntime import OrtEngine, OrtOptions
     from adm_export.export.onnx import onnx_file_bytes, save_onnx, torch_to_onnx
-    from adm_export.export.quantize import rel_l2
+    from adm_export.numerics import rel_l2
     from adm_export.models import load_model
 
     if cfg.device == "cuda" and not torch.cuda.is_available():

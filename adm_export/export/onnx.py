@@ -16,11 +16,13 @@ import warnings
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, manifest_digest, read_manifest, write_manifest
+from adm_export.calibration.cache import load_cache, parity_points
 from adm_export.config import ExportConfig, Placement, to_dict
 from adm_export.errors import InvalidInputError
 from adm_export.export import onnx_graph
-from adm_export.export.policy import LayerPlan
-from adm_export.export.quantize import load_quantized, rel_l2, run_denoiser
+from adm_export.formats.policy import LayerPlan
+from adm_export.numerics import rel_l2, run_denoiser
+from adm_export.quantize.modelopt import load_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +70,6 @@ def onnx_file_bytes(path: Path) -> int:
     path = Path(path)
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def parity_indices(size: int, n: int) -> list[int]:
-    """Indices of ``n`` points spread evenly over a cache of ``size`` (early and late steps both)."""
-    import numpy as np
-
-    return sorted(set(np.linspace(0, size - 1, min(n, size)).round().astype(int).tolist()))
-
-
-def parity_points(cache, n: int) -> list[dict]:
-    """``n`` cached points spread evenly over the cache (:func:`parity_indices`)."""
-    return [cache.point(i) for i in parity_indices(len(cache), n)]
 
 
 def parity_session(path):
@@ -282,7 +272,6 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     Returns:
         The ONNX artifact's manifest (sizes, Q/DQ report, parity).
     """
-    from adm_export.calibration.cache import load_cache
     from adm_export.engines.onnxruntime import OrtRunner, make_session
     from adm_export.models import load_model
 
@@ -365,7 +354,7 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
 
 def _int8_plans_from_model(model) -> list:
     """Plans for a quantized artifact written before per-layer plans existed (INT8 only)."""
-    from adm_export.export import policy as pol
+    from adm_export.formats import policy as pol
 
     plans = []
     for name, kind, module in pol.compute_layers(model):

@@ -56,7 +56,7 @@ def model_defaults(model_id: str | None) -> dict:
     found = MODEL_DEFAULTS.get(str(model_id), {})
     captions = None
     if found.get("captions"):
-        from adm_export.reference.model import REFERENCE_DIR
+        from adm_export.models.reference import REFERENCE_DIR
 
         captions = str(REFERENCE_DIR / found["captions"])
     return {"captions": captions, "embedder": found.get("embedder", "logmel")}

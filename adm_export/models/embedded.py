@@ -174,7 +174,7 @@ def build_reference_audioldm(seed: int = 0):
     Trained weights shipped in ``adm_export/data/reference/audioldm`` (``seed`` is unused; kept for
     the builder signature). See ``adm_export/data/reference/README.md``.
     """
-    from adm_export.reference.model import load_reference_pipeline
+    from adm_export.models.reference import load_reference_pipeline
 
     return load_reference_pipeline()
 

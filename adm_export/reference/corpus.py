@@ -280,3 +280,17 @@ def corpus(n: int, seed: int = 0, seconds: float = 2.56, sr: int = SAMPLING_RATE
     for i in range(n):
         spec = sample_spec(np.random.default_rng([seed, i, GENERATOR_VERSION]))
         yield Clip(index=i, caption=spec.caption(), spec=spec, audio=synthesize(spec, seconds, sr))
+
+
+def label_vector(spec) -> list[int]:
+    """Integer labels of a :class:`ClipSpec`, in the order of the reference model's attribute heads
+    (:data:`adm_export.models.reference_components.HEADS`)."""
+
+    def opt(values, v):
+        return 0 if v is None else 1 + values.index(v)
+
+    return [
+        CLASSES.index(spec.cls), opt(PITCH, spec.pitch), LOUDNESS.index(spec.loudness),
+        DURATION.index(spec.duration), opt(RHYTHM, spec.rhythm), ENVIRONMENT.index(spec.environment),
+        0 if spec.layer is None else 1 + CLASSES.index(spec.layer.cls),
+    ]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adm_export.reference import components as C
+from adm_export.models import reference_components as C
 from adm_export.reference import corpus as corpus_mod
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def _render(args):
     i, seed, seconds = args
     spec = corpus_mod.sample_spec(np.random.default_rng([seed, i, corpus_mod.GENERATOR_VERSION]))
     audio = corpus_mod.synthesize(spec, seconds)
-    return i, audio.astype(np.float16), spec.caption(), C.label_vector(spec)
+    return i, audio.astype(np.float16), spec.caption(), corpus_mod.label_vector(spec)
 
 
 def make_data(work: Path, n_train: int, n_eval: int, seconds: float, workers: int) -> dict:
@@ -507,7 +507,7 @@ def assemble(work: Path, out: Path, config: dict, data_info: dict) -> dict:
     save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(out / "reference_clap.safetensors"),
               metadata={"generator_version": str(corpus_mod.GENERATOR_VERSION)})
     (out / "reference_clap.json").write_text(json.dumps({
-        "architecture": "adm_export.reference.components.build_audio_encoder", "config": C.AUDIO_ENCODER_CONFIG,
+        "architecture": "adm_export.models.reference_components.build_audio_encoder", "config": C.AUDIO_ENCODER_CONFIG,
         "heads": C.HEADS, "classes": list(corpus_mod.CLASSES), "sampling_rate": C.SAMPLING_RATE,
         "mel": {"n_fft": C.N_FFT, "hop": C.HOP, "mel_bins": C.MEL_BINS, "fmin": C.FMIN, "fmax": C.FMAX,
                 "log_floor": C.LOG_FLOOR}}, indent=1))
@@ -529,7 +529,7 @@ def quick_eval(out: Path, work: Path, device, n: int, steps: int = 10, guidance:
     import torch
     from diffusers import AudioLDMPipeline
 
-    from adm_export.reference.embedder import ReferenceClapEmbedder, frechet_distance
+    from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder, frechet_distance
 
     pipe = AudioLDMPipeline.from_pretrained(out / "audioldm", dtype=torch.float32).to(device)
     pipe.set_progress_bar_config(disable=True)

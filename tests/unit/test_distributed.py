@@ -59,8 +59,10 @@ def _sensitivity():
     """The per-layer sensitivity table of the small network (INT8 and W4A8 candidates)."""
     import torch
 
-    from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+    from adm_export.formats import policy as pol
+    from adm_export.numerics import run_denoiser
+    from adm_export.quantize import sensitivity
+    from adm_export.quantize.modelopt import quantize_with_plans
 
     adapter = _net_adapter()
     g = torch.Generator().manual_seed(1)
@@ -81,7 +83,8 @@ def _sensitivity():
 def _eval_clips(adapter):
     from adm_export.config import EvalConfig
     from adm_export.eval.embedders import get_embedder
-    from adm_export.eval.harness import _embed_set, eval_prompts, generate_with_trajectory
+    from adm_export.eval.harness import eval_prompts, generate_with_trajectory
+    from adm_export.eval.scoring import embed_set
 
     cfg = EvalConfig(num_clips=EVAL_CLIPS, steps=EVAL_STEPS, audio_seconds=1.28)
     embedder = get_embedder("logmel")
@@ -89,7 +92,7 @@ def _eval_clips(adapter):
     embedded: list = []
     waves, traj = generate_with_trajectory(
         adapter, eval_prompts(EVAL_CLIPS), [EVAL_SEED + i for i in range(EVAL_CLIPS)], cfg, "baseline", steps,
-        embedding=("logmel", lambda w: _embed_set(embedder, w, adapter.sampling_rate)), embedded=embedded)
+        embedding=("logmel", lambda w: embed_set(embedder, w, adapter.sampling_rate)), embedded=embedded)
     return {"waves": waves, "trajectory": traj, "timesteps": steps, "embedded": embedded}
 
 
@@ -151,7 +154,7 @@ def single(tmp_path_factory):
         result = {"manifest": manifest, "table": table, "network_runs": calls, "eval": _eval_clips(adapter)}
     finally:
         torch.set_num_threads(threads)
-    from adm_export.eval.harness import write_clips
+    from adm_export.eval.clips import write_clips
 
     write_clips(root / "baseline", result["eval"]["waves"], adapter.sampling_rate)
     return root, result

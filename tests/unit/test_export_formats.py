@@ -69,8 +69,9 @@ def _export(name, data, tmp_path):
     import torch
 
     import modelopt.torch.quantization as mtq
-    from adm_export.export import onnx_graph, policy as pol
+    from adm_export.export import onnx_graph
     from adm_export.export.onnx import export_model_copy, weight_codecs
+    from adm_export.formats import policy as pol
 
     fmt, int4_convs, opset, _ = FORMATS[name]
     wrapper = _net()
@@ -103,7 +104,7 @@ def test_format_exports_compact_standard_and_matches_torch(name, data, tmp_path)
     import torch
 
     from adm_export.export import onnx_graph
-    from adm_export.export.quantize import rel_l2
+    from adm_export.numerics import rel_l2
 
     fmt, int4_convs, opset, dtype = FORMATS[name]
     q, plans, model, stats = _export(name, data, tmp_path)
@@ -170,9 +171,10 @@ def test_onnxruntime_placement_fuses_integer_convolution(data, tmp_path):
     import torch
 
     import modelopt.torch.quantization as mtq
-    from adm_export.export import onnx_graph, policy as pol
+    from adm_export.export import onnx_graph
     from adm_export.export.onnx import export_model_copy, weight_codecs
-    from adm_export.export.quantize import output_quantized_layers
+    from adm_export.formats import policy as pol
+    from adm_export.quantize.modelopt import output_quantized_layers
 
     wrapper = _net()
     plans = pol.resolve(pol.preset("int8"), wrapper.unet)

@@ -18,9 +18,11 @@ import pytest
 
 from adm_export.config import EvalConfig
 from adm_export.errors import InvalidInputError
+from adm_export.eval import clips as eval_clips
 from adm_export.eval import fd as fdlib
-from adm_export.eval import harness
+from adm_export.eval import harness, scoring
 from adm_export.eval.embedders import Embedder
+from adm_export.eval.embedders.clap import clap_scores
 
 TINY_BUILD = ["--model", "tiny-audioldm", "--num-prompts", "2", "--steps", "4", "--points", "4", "--seconds", "1.28",
               "--num-clips", "4", "--eval-steps", "4", "--eval-seconds", "1.28"]
@@ -235,7 +237,7 @@ REF_DRAW = {"kind": "baseline_other_seeds", "clips": 4}
 def _score(clips, embedder, cfg=None, quant=None, ref=None, info=REF_DRAW):
     base, q, r, prompts = clips
     cfg = cfg or EvalConfig(num_clips=4, steps=4, audio_seconds=1.28, max_drift=10.0, n_boot=50)
-    return harness.score_clips(cfg, prompts, base, q if quant is None else quant, r if ref is None else ref,
+    return scoring.score_clips(cfg, prompts, base, q if quant is None else quant, r if ref is None else ref,
                                16000, embedder, info)
 
 
@@ -288,15 +290,15 @@ def test_frame_embedder_gives_fad_and_resamples_clips(clips):
 def test_interval_is_the_percentile_interval_shifted_by_the_median_bias():
     """Replicates all above the estimate (FD's resampling bias at N <= dim): the shown interval still holds it."""
     boots = np.linspace(10.0, 20.0, 101)
-    iv = harness._interval(2.0, boots, 0.95, floor=0.0)
+    iv = fdlib.interval(2.0, boots, 0.95, floor=0.0)
     assert iv["estimate_in_percentile_ci"] is False
     assert iv["bias"] == pytest.approx(15.0 - 2.0)
     lo, hi = iv["percentile_ci"]
     assert iv["ci"] == pytest.approx([max(0.0, lo - 13.0), hi - 13.0])
     assert iv["ci"][0] <= 2.0 <= iv["ci"][1]
     # The floor keeps an FD interval non-negative; the FD increase has none.
-    assert harness._interval(0.1, boots, 0.95, floor=0.0)["ci"][0] == 0.0
-    assert harness._interval(0.1, boots, 0.95, floor=None)["ci"][0] < 0.0
+    assert fdlib.interval(0.1, boots, 0.95, floor=0.0)["ci"][0] == 0.0
+    assert fdlib.interval(0.1, boots, 0.95, floor=None)["ci"][0] < 0.0
 
 
 def test_paired_bootstrap_holds_the_estimate_where_unpaired_did_not(clips):
@@ -342,14 +344,14 @@ def test_reference_equal_to_baseline_is_a_user_error(clips):
 
 def test_reference_folder_errors(tmp_path):
     with pytest.raises(InvalidInputError, match="--reference .* is not a folder"):
-        harness.load_reference(tmp_path / "missing", 16000)
+        eval_clips.load_reference(tmp_path / "missing", 16000)
     (tmp_path / "a.wav").write_bytes(b"not audio at all")
     (tmp_path / "notes.txt").write_text("ignored")
     with pytest.raises(InvalidInputError, match="holds 1 audio file"):
-        harness.load_reference(tmp_path, 16000)
+        eval_clips.load_reference(tmp_path, 16000)
     (tmp_path / "b.wav").write_bytes(b"RIFF junk")
     with pytest.raises(InvalidInputError, match="--reference: cannot decode .*a.wav"):
-        harness.load_reference(tmp_path, 16000)
+        eval_clips.load_reference(tmp_path, 16000)
 
 
 def test_reference_folder_is_resampled_to_mono(tmp_path):
@@ -358,7 +360,7 @@ def test_reference_folder_is_resampled_to_mono(tmp_path):
     t = np.arange(8000) / 8000
     for i in range(2):
         sf.write(str(tmp_path / f"{i}.flac"), np.stack([np.sin(2 * np.pi * 440 * t)] * 2, axis=1) * 0.5, 8000)
-    clips = harness.load_reference(tmp_path, 16000)
+    clips = eval_clips.load_reference(tmp_path, 16000)
     assert len(clips) == 2 and clips[0].ndim == 1 and abs(len(clips[0]) - 16000) <= 1
 
 
@@ -384,9 +386,9 @@ def test_clap_score_pairs_prompts_with_clips(tmp_path):
     rng = np.random.default_rng(0)
     waves = [0.1 * rng.normal(size=16000), np.sin(2 * np.pi * 300 * np.arange(16000) / 16000) * 0.3]
     prompts = ["rain on a roof", "a low hum"]
-    s = harness.clap_scores(str(tmp_path), prompts, {"a": waves, "b": waves[::-1]}, 16000)
+    s = clap_scores(str(tmp_path), prompts, {"a": waves, "b": waves[::-1]}, 16000)
     assert -1.0 <= s["a"] <= 1.0 and -1.0 <= s["b"] <= 1.0
     # Pairing: swapping the clips changes which prompt each is compared with.
     assert s["a"] != pytest.approx(s["b"], abs=1e-6)
     with pytest.raises(InvalidInputError, match="--clap-checkpoint .* is not a folder"):
-        harness.clap_scores(str(tmp_path / "nope"), prompts, {"a": waves}, 16000)
+        clap_scores(str(tmp_path / "nope"), prompts, {"a": waves}, 16000)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from adm_export.errors import InvalidInputError
-from adm_export.export import capabilities, policy as pol, recipes
+from adm_export.formats import capabilities, policy as pol, recipes
 
 
 @pytest.fixture(scope="module")

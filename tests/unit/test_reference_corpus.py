@@ -111,7 +111,8 @@ _CLASS_WORD = {"beep": "beep", "siren": "siren", "chirp": "chirp", "chord": "cho
 
 
 def test_label_vectors_agree_with_captions():
-    from adm_export.reference.components import HEADS, label_vector
+    from adm_export.models.reference_components import HEADS
+    from adm_export.reference.corpus import label_vector
     from adm_export.reference.corpus import CLASSES, LOUDNESS, PITCH
 
     for clip in corpus(80, seed=2, seconds=0.1):
@@ -147,7 +148,7 @@ def test_training_data_is_the_corpus(tmp_path):
 
 def test_log_mel_layout():
     torch = pytest.importorskip("torch")
-    from adm_export.reference.components import MEL_BINS, log_mel
+    from adm_export.models.reference_components import MEL_BINS, log_mel
 
     clip = next(corpus(1, seed=0, seconds=1.28)).audio
     mel = log_mel(torch.from_numpy(clip)[None])

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from adm_export.models.reference import REFERENCE_DIR
 from adm_export.reference import corpus
-from adm_export.reference.model import REFERENCE_DIR
 
 torch = pytest.importorskip("torch")
 
@@ -68,7 +68,7 @@ def test_text_conditioning_is_trained(adapter):
 
 def test_embedder_probabilities_and_accuracy_on_real_clips():
     from adm_export.eval.embedders import get_embedder
-    from adm_export.reference.components import label_vector
+    from adm_export.reference.corpus import label_vector
 
     emb = get_embedder("reference-clap")
     clips = list(corpus.corpus(30, seed=7))
@@ -101,7 +101,7 @@ def test_folder_path_loads_the_same_model_in_float32(adapter):
     import torch
 
     from adm_export.models import load_model
-    from adm_export.reference.model import REFERENCE_DIR
+    from adm_export.models.reference import REFERENCE_DIR
 
     by_path = load_model(str(REFERENCE_DIR / "audioldm"))
     assert by_path.family == "audioldm"

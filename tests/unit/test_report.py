@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from adm_export.eval import figures, harness
+from adm_export.eval import figures
 from adm_export.eval.report import make_report, render_markdown, write_report
 from tests.helpers import REPORT_KEYS as CONTRACT
 from tests.helpers import get_key as _get
@@ -140,7 +140,7 @@ def test_write_figures_makes_valid_pngs_and_report_links_them(tmp_path):
     ev.update(latent_rel_l2_per_step_median=[0.0, 0.02, 0.03, 0.031],
               latent_rel_l2_per_step_p10=[0.0, 0.01, 0.02, 0.02], latent_rel_l2_per_step_p90=[0.0, 0.03, 0.04, 0.05],
               timesteps=[751.0, 501.0, 251.0, 1.0])
-    ev["figures"] = harness.write_figures(tmp_path, ev, base, quant, SR, ["rain", "a dog barks", "wind", "engine"])
+    ev["figures"] = figures.write_figures(tmp_path, ev, base, quant, SR, ["rain", "a dog barks", "wind", "engine"])
     assert set(ev["figures"]) == {"fd", "spectrograms", "latent_error"}
     sizes = {name: _valid_png(tmp_path / rel) for name, rel in ev["figures"].items()}
     assert sizes["spectrograms"][1] > 600  # three rows
@@ -155,16 +155,16 @@ def test_write_figures_makes_valid_pngs_and_report_links_them(tmp_path):
 def test_latent_curve_skipped_when_undefined(tmp_path):
     ev = _eval_result(figures_={})
     ev["latent_rel_l2_per_step_median"] = [0.0, None]
-    out = harness.write_figures(tmp_path, ev, [_clip(0)], [_clip(0)], SR, ["x"])
+    out = figures.write_figures(tmp_path, ev, [_clip(0)], [_clip(0)], SR, ["x"])
     assert "latent_error" not in out and (tmp_path / out["fd"]).is_file()
 
 
 def test_fd_chart_several_configurations(tmp_path):
-    rows = harness.fd_rows(_eval_result(), prefix="int8: ") + harness.fd_rows(_eval_result(False), prefix="w4a8: ")
+    rows = figures.fd_rows(_eval_result(), prefix="int8: ") + figures.fd_rows(_eval_result(False), prefix="w4a8: ")
     rows.append({"label": "fp8: quantized vs baseline", "value": None})
     path = figures.fd_interval_chart(rows, tmp_path / "configs.png")
     assert _valid_png(path)[1] >= 400
-    gate = harness.gate_row(_eval_result(passed=False))
+    gate = figures.gate_row(_eval_result(passed=False))
     assert [c["label"] for c in gate["checks"]] == ["FD increase", "paired drift"] and gate["passed"] is False
     _valid_png(figures.fd_interval_chart(rows[:3], tmp_path / "gate.png", gate=gate, metric_name="FAD"))
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from adm_export.errors import InvalidInputError
-from adm_export.export.sensitivity import solve_budget
+from adm_export.quantize.sensitivity import solve_budget
 
 
 def _brute(options, budget):
@@ -93,8 +93,10 @@ def test_sensitivity_search_fits_budget_and_predicts_error():
     import torch
 
     pytest.importorskip("modelopt.torch.quantization")
-    from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, rel_l2, run_denoiser
+    from adm_export.formats import policy as pol
+    from adm_export.numerics import rel_l2, run_denoiser
+    from adm_export.quantize import sensitivity
+    from adm_export.quantize.modelopt import quantize_with_plans
 
     adapter = _Adapter()
     g = torch.Generator().manual_seed(1)
@@ -122,7 +124,7 @@ def test_sensitivity_search_fits_budget_and_predicts_error():
 
 
 def test_block_names_group_layers_by_unet_block():
-    from adm_export.export.sensitivity import block_of
+    from adm_export.quantize.sensitivity import block_of
 
     assert block_of("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == "down_blocks.1.attentions.0"
     assert block_of("up_blocks.2.resnets.1.conv_shortcut") == "up_blocks.2.resnets.1"
@@ -136,8 +138,8 @@ def test_block_names_group_layers_by_unet_block():
 
 
 def test_block_granularity_on_the_embedded_unet(tiny_adapter):
-    from adm_export.export import policy as pol
-    from adm_export.export.sensitivity import group_plans
+    from adm_export.formats import policy as pol
+    from adm_export.quantize.sensitivity import group_plans
 
     plans = pol.resolve(pol.preset("mixed"), tiny_adapter.denoiser)
     layers = group_plans(plans, "layer")
@@ -156,8 +158,10 @@ def small_search():
     import torch
 
     pytest.importorskip("modelopt.torch.quantization")
-    from adm_export.export import policy as pol, sensitivity
-    from adm_export.export.quantize import quantize_with_plans, run_denoiser
+    from adm_export.formats import policy as pol
+    from adm_export.numerics import run_denoiser
+    from adm_export.quantize import sensitivity
+    from adm_export.quantize.modelopt import quantize_with_plans
 
     adapter = _Adapter()
     g = torch.Generator().manual_seed(2)
@@ -175,7 +179,7 @@ def small_search():
 
 
 def test_block_search_gives_each_block_one_format(small_search):
-    from adm_export.export import sensitivity
+    from adm_export.quantize import sensitivity
 
     adapter, points, plans, cands, refs, qfn, groups, table = small_search
     assert set(table) == {"front", "out"}
@@ -196,8 +200,8 @@ def test_block_search_gives_each_block_one_format(small_search):
 def test_trajectory_check_measures_the_most_sensitive_items(small_search):
     import math
 
-    from adm_export.export import sensitivity
-    from adm_export.export.quantize import run_denoiser
+    from adm_export.numerics import run_denoiser
+    from adm_export.quantize import sensitivity
 
     adapter, points, plans, cands, refs, qfn, groups, table = small_search
 
@@ -215,7 +219,7 @@ def test_trajectory_check_measures_the_most_sensitive_items(small_search):
 
 
 def test_crop_frames_keeps_a_frame_multiple_of_the_latent(tiny_adapter):
-    from adm_export.export.sensitivity import crop_frames
+    from adm_export.quantize.sensitivity import crop_frames
 
     spec = tiny_adapter.denoiser_spec()
     point = spec.dummy_inputs(batch=2, frames=8 * spec.frame_multiple)

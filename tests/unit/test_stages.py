@@ -56,7 +56,7 @@ def test_fp32_export_matches_torch_to_float_rounding(tiny_adapter, tiny_build, t
     """Without quantization there is no rounding floor: ONNX Runtime equals torch to ~1e-6."""
     from adm_export.engines.onnxruntime import OrtRunner, make_session
     from adm_export.export.onnx import torch_to_onnx
-    from adm_export.export.quantize import rel_l2, run_denoiser
+    from adm_export.numerics import rel_l2, run_denoiser
 
     out, _, _ = tiny_build
     cache = load_cache(out / "calibration")
@@ -74,10 +74,10 @@ def test_fp32_export_matches_torch_to_float_rounding(tiny_adapter, tiny_build, t
 
 def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     """Parity is not a rubber stamp: a mis-scaled weight puts ONNX Runtime far above the floor."""
-    from adm_export.calibration.cache import load_cache
+    from adm_export.calibration.cache import load_cache, parity_points
     from adm_export.engines.onnxruntime import make_session
-    from adm_export.export.onnx import check_parity, parity_points
-    from adm_export.export.quantize import load_quantized
+    from adm_export.export.onnx import check_parity
+    from adm_export.quantize.modelopt import load_quantized
 
     out, _, _ = tiny_build
     model = onnx.load(str(out / "onnx" / "unet.onnx"))

@@ -1,13 +1,14 @@
 """Components of the reference model: mel front end, module configs and the audio encoder.
 
 Everything the training recipe (``adm_export.reference.train``) builds and everything the
-shipped model and the ``reference-clap`` embedder load comes from here, so training and
-inference share one definition.
+shipped model and the ``reference-clap`` embedder (:mod:`adm_export.eval.embedders.reference_clap`)
+load comes from here, so training and inference share one definition.
 
 Mel settings are AudioLDM's (16 kHz, window/FFT 1024, hop 160, 64 Slaney mels 0-8000 Hz,
 magnitude mel, ``log(clamp(mel, 1e-5))``, frames padded by (1024 - 160) / 2 on each side so that
 N samples give N / 160 frames); the embedded ``tiny-audioldm`` pipeline (hop 160, 64 bins) has the
-same layout. torch is imported inside the functions.
+same layout. This module imports torch (the audio encoder is a module-level ``nn.Module``); nothing on
+the CLI's import path imports it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import torch
+from torch import nn
+
+from adm_export.audio import mel_filterbank
 
 SAMPLING_RATE = 16000
 N_FFT = 1024
@@ -55,24 +60,8 @@ def unet_config() -> dict:
     return cfg
 
 
-def label_vector(spec) -> list[int]:
-    """Integer labels of a :class:`~adm_export.reference.corpus.ClipSpec`, in :data:`HEADS` order."""
-    from adm_export.reference import corpus as c
-
-    def opt(values, v):
-        return 0 if v is None else 1 + values.index(v)
-
-    return [
-        c.CLASSES.index(spec.cls), opt(c.PITCH, spec.pitch), c.LOUDNESS.index(spec.loudness),
-        c.DURATION.index(spec.duration), opt(c.RHYTHM, spec.rhythm), c.ENVIRONMENT.index(spec.environment),
-        0 if spec.layer is None else 1 + c.CLASSES.index(spec.layer.cls),
-    ]
-
-
 @functools.lru_cache(maxsize=None)
 def _mel_basis_np() -> np.ndarray:
-    from adm_export.eval.embedders import mel_filterbank
-
     return mel_filterbank(SAMPLING_RATE, N_FFT, MEL_BINS, FMIN, FMAX).astype(np.float32)
 
 
@@ -85,8 +74,6 @@ def log_mel(wave):
     Returns:
         ``(B, ceil(N / 160), 64)`` float32 log-mel frames (the vocoder's input layout).
     """
-    import torch
-
     wave = wave.float()
     pad = (N_FFT - HOP) // 2
     x = torch.nn.functional.pad(wave[:, None], (pad, pad), mode="reflect")[:, 0]
@@ -97,50 +84,44 @@ def log_mel(wave):
     return torch.log(torch.clamp(mel, min=LOG_FLOOR)).transpose(1, 2)
 
 
-def build_audio_encoder(seed: int = 0):
+class ReferenceAudioEncoder(nn.Module):
     """The CLAP-style audio encoder with its attribute heads (a small VGG-like CNN on log-mel).
 
-    Returns:
-        A ``torch.nn.Module`` whose ``forward(logmel (B, T, 64))`` returns ``(embedding (B, 192),
-        projection (B, 64), {head: logits})``.
+    Conv blocks (3x3, BatchNorm, ReLU, 2x2 average pool), mean over frequency, mean+max over time,
+    a linear embedding, a projection into the joint text/audio space and heads.
+    ``forward(logmel (B, T, 64))`` returns ``(embedding (B, 192), projection (B, 64), {head: logits})``.
     """
-    import torch
-    from torch import nn
 
-    cfg = AUDIO_ENCODER_CONFIG
+    def __init__(self, cfg: dict = AUDIO_ENCODER_CONFIG):
+        super().__init__()
+        layers, cin = [], 1
+        for ch in cfg["channels"]:
+            layers += [nn.Conv2d(cin, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(),
+                       nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(),
+                       nn.AvgPool2d(2)]
+            cin = ch
+        self.conv = nn.Sequential(*layers)
+        self.embed = nn.Linear(2 * cin, cfg["embed_dim"])
+        self.projection = nn.Linear(cfg["embed_dim"], cfg["projection_dim"])
+        self.heads = nn.ModuleDict({k: nn.Linear(cfg["embed_dim"], n) for k, n in HEADS.items()})
 
-    class ReferenceAudioEncoder(nn.Module):
-        """Conv blocks (3x3, BatchNorm, ReLU, 2x2 average pool), mean over frequency, mean+max
-        over time, a linear embedding, a projection into the joint text/audio space and heads."""
+    def forward(self, logmel):
+        # Log-mel spans about [-11.5, 6]; centre it so BatchNorm's first statistics are sane.
+        x = ((logmel - (-5.0)) / 4.0)[:, None]
+        h = self.conv(x).mean(dim=3)  # (B, C, T')
+        h = torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
+        emb = torch.relu(self.embed(h))
+        return emb, self.projection(emb), {k: head(emb) for k, head in self.heads.items()}
 
-        def __init__(self):
-            super().__init__()
-            layers, cin = [], 1
-            for ch in cfg["channels"]:
-                layers += [nn.Conv2d(cin, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(),
-                           nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(),
-                           nn.AvgPool2d(2)]
-                cin = ch
-            self.conv = nn.Sequential(*layers)
-            self.embed = nn.Linear(2 * cin, cfg["embed_dim"])
-            self.projection = nn.Linear(cfg["embed_dim"], cfg["projection_dim"])
-            self.heads = nn.ModuleDict({k: nn.Linear(cfg["embed_dim"], n) for k, n in HEADS.items()})
 
-        def forward(self, logmel):
-            # Log-mel spans about [-11.5, 6]; centre it so BatchNorm's first statistics are sane.
-            x = ((logmel - (-5.0)) / 4.0)[:, None]
-            h = self.conv(x).mean(dim=3)  # (B, C, T')
-            h = torch.cat([h.mean(dim=2), h.amax(dim=2)], dim=1)
-            emb = torch.relu(self.embed(h))
-            return emb, self.projection(emb), {k: head(emb) for k, head in self.heads.items()}
-
+def build_audio_encoder(seed: int = 0) -> ReferenceAudioEncoder:
+    """The reference audio encoder (:class:`ReferenceAudioEncoder`), initialised after ``torch.manual_seed(seed)``."""
     torch.manual_seed(seed)
     return ReferenceAudioEncoder()
 
 
 def build_text_encoder(vocab_size: int, max_length: int, seed: int = 0):
     """The CLAP-style text tower (``ClapTextModelWithProjection``, RoBERTa ids)."""
-    import torch
     from transformers import ClapTextConfig, ClapTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -150,7 +131,6 @@ def build_text_encoder(vocab_size: int, max_length: int, seed: int = 0):
 
 
 def build_vae(seed: int = 0):
-    import torch
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -158,7 +138,6 @@ def build_vae(seed: int = 0):
 
 
 def build_unet(seed: int = 0):
-    import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -166,7 +145,6 @@ def build_unet(seed: int = 0):
 
 
 def build_vocoder(seed: int = 0):
-    import torch
     from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
 
     torch.manual_seed(seed)

@@ -391,7 +391,7 @@ def _escape(name: str) -> str:
 def compile_pattern_cfg(policy: Policy) -> dict:
     """Model-free ModelOpt config of a policy (wildcard entries, later wins), for presets.
 
-    Used by :func:`adm_export.export.recipes.quant_config`; ``auto`` rules compile to disabled
+    Used by :func:`adm_export.formats.recipes.quant_config`; ``auto`` rules compile to disabled
     quantizers (a searched policy needs the model: use :func:`resolve` + :func:`compile_quant_cfg`).
     """
     entries: list[dict] = [{"quantizer_name": "*", "enable": False}]

@@ -1,15 +1,26 @@
 """Quantization presets as data, in ModelOpt's ``quant_cfg`` shape.
 
-The presets themselves are policies (:mod:`adm_export.export.policy`): an ordered rule list,
+The presets themselves are policies (:mod:`adm_export.formats.policy`): an ordered rule list,
 later wins: the format everywhere, then the exclusions, each with the reason it is kept in high
 precision. This module keeps the preset-level entry points the other stages call.
 """
 
 from __future__ import annotations
 
-from adm_export.config import Precision
-from adm_export.export import policy as _policy
-from adm_export.export.policy import HIGH_PRECISION_LAYERS  # noqa: F401  (re-exported)
+import enum
+
+from adm_export.formats import policy as _policy
+from adm_export.formats.policy import HIGH_PRECISION_LAYERS  # noqa: F401  (re-exported)
+
+
+class Precision(str, enum.Enum):
+    """Quantization presets (``--precision``)."""
+
+    INT8 = "int8"
+    FP8 = "fp8"
+    W4A8 = "w4a8"
+    MIXED = "mixed"
+
 
 # Only convolutions and linear layers are quantized: their inputs and weights carry Q/DQ
 # (ModelOpt would otherwise also put input quantizers on normalisation layers, which no

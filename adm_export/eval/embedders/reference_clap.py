@@ -14,10 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from adm_export.eval.embedders import Embedder, _prepare
-from adm_export.reference import components as C
-
-from adm_export.reference.model import REFERENCE_DIR
+from adm_export.audio import prepare_clips
+from adm_export.eval.embedders.base import Embedder
+from adm_export.models import reference_components as C
+from adm_export.models.reference import REFERENCE_DIR
 
 
 def frechet_distance(x: np.ndarray, y: np.ndarray) -> float:
@@ -71,7 +71,7 @@ class ReferenceClapEmbedder(Embedder):
 
     def _forward(self, waveforms: Sequence[np.ndarray], sr: int) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
-        clips = _prepare(waveforms, sr, self.sampling_rate)
+        clips = prepare_clips(waveforms, sr, self.sampling_rate)
         embs, logits = [], []
         with torch.inference_mode():
             # Clips of one length batch together; others go one by one (no padding artefacts).

@@ -19,7 +19,7 @@ import enum
 from typing import Iterable
 
 from adm_export.errors import InvalidInputError
-from adm_export.export.policy import CONV, LINEAR, LayerPlan
+from adm_export.formats.policy import CONV, LINEAR, LayerPlan
 
 
 class Target(str, enum.Enum):
@@ -135,7 +135,7 @@ def check_plans(plans: list[LayerPlan], target: Target | str, allow_adjust: bool
     Raises:
         InvalidInputError: a layer asks for what the target cannot run and ``allow_adjust`` is off.
     """
-    from adm_export.export.policy import with_format
+    from adm_export.formats.policy import with_format
 
     target = parse_target(target)
     bad: dict[tuple[str, str], list[str]] = {}

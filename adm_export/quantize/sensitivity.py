@@ -136,7 +136,7 @@ def group_plans(plans, granularity: str = "layer") -> dict[str, list[str]]:
 
 def _trial(plans, fmt: str, candidates: dict[str, list[str]], modules: dict, int4_convs: bool):
     """Every layer that can take ``fmt`` gets it; the others stay in FP16."""
-    from adm_export.export.policy import with_format
+    from adm_export.formats.policy import with_format
 
     return [with_format(p, fmt if fmt in candidates[p.name] else "fp16", modules[p.name], int4_convs) for p in plans]
 
@@ -159,7 +159,7 @@ class TrajectoryCheck:
 
     def run(self, fmt: str, items: list[str], model, switch: "_Switch", groups: dict[str, list[str]],
             scores: dict[str, float]) -> None:
-        from adm_export.export.quantize import rel_l2
+        from adm_export.numerics import rel_l2
 
         if self.top_k <= 0 or not items:
             return
@@ -196,7 +196,7 @@ def measure(adapter, calib_points: list[dict], eval_points: list[dict], plans, c
     import torch
 
     from adm_export import distributed as dist
-    from adm_export.export.quantize import rel_l2, run_denoiser
+    from adm_export.numerics import rel_l2, run_denoiser
 
     groups = groups or group_plans(plans)
     modules = dict((n, m) for n, m in adapter.denoiser.named_modules())
@@ -330,7 +330,7 @@ def choose(plans, table: dict[str, dict[str, float]], candidates: dict[str, list
     measured), with their trajectory check where one was made; ``solution`` has the byte and
     sensitivity totals and the predicted error.
     """
-    from adm_export.export.policy import with_format
+    from adm_export.formats.policy import with_format
 
     groups = groups or group_plans(plans)
     by_name = {p.name: p for p in plans}
@@ -466,9 +466,9 @@ def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict
 
     import torch
 
-    from adm_export.export.quantize import _mtq, rel_l2, run_denoiser
+    from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
 
-    mtq, _ = _mtq()
+    mtq, _ = import_modelopt()
     model = copy.deepcopy(adapter.denoiser).eval()
     # run_denoiser returns inference-mode tensors; autograd (the loss) needs normal ones: clone.
     refs = [run_denoiser(adapter, adapter.denoiser, p).clone() for p in points]

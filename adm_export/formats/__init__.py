@@ -1,0 +1,1 @@
+"""Formats as data: per-layer policies and formats, quantization presets, serving targets' capabilities."""
