@@ -6,11 +6,12 @@ Everything runs on this machine, over loopback, bounded in requests and time:
 
 1. sequential `adm-export generate --engine BUILD/engines` calls, one clip each (a new process per
    clip: what serving meant before `serve`);
-2. the bundle runtime in this process, warm, one clip per call (the strongest unbatched baseline;
-   its median is the "single in-process call" that p95 at concurrency 1 is held against);
-3. `adm-export serve BUNDLE` in a subprocess, at each concurrency level C: max(2C,
-   `--requests-per-level`) requests from C client threads, distinct prompts and seeds, all of one
-   length (so they may share batches), each within `--level-timeout` seconds.
+2. `adm-export serve BUNDLE` in a subprocess; concurrency 1 is paired with the bundle runtime in this
+   process, warm, one clip per call (the strongest unbatched baseline): each in-process call is
+   followed by the same request over HTTP, so both see the same load on a shared machine; p95 at
+   concurrency 1 is held against the in-process median;
+3. concurrency C > 1: max(2C, `--requests-per-level`) requests from C client threads, distinct
+   prompts and seeds, all of one length (so they may share batches), each within `--level-timeout`.
 
 Targets (issue 15, on one GPU): at concurrency 8, >= 4x the clips/s of sequential generate calls;
 p95 at concurrency 1 within 1.2x of a single in-process call.
@@ -82,25 +83,37 @@ def sequential_generate(engines: Path, args, env, tmp: Path) -> dict:
             "p50_s": pct(times, 0.5), "p95_s": pct(times, 0.95)}
 
 
-def in_process(bundle: Path, args) -> dict:
-    """One-clip calls of the warm runtime in this process."""
+def paired_c1(bundle: Path, url: str, args) -> tuple[dict, dict]:
+    """One-clip calls of the warm runtime in this process, each followed by the same request over HTTP."""
+    import httpx
+
     from adm_export.runtime import BundleRuntime, GenerationRequest, RuntimeOptions
 
     t0 = time.perf_counter()
     rt = BundleRuntime(bundle, RuntimeOptions(device=args.device, threads=args.threads, cuda_graph=args.cuda_graph))
     rt.warmup()
     load_s = time.perf_counter() - t0
-    times = []
+    local, remote, batches = [], [], []
     for i in range(args.inprocess_calls):
-        req = GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], seconds=args.seconds, steps=args.steps,
-                                guidance_scale=2.5, seed=1000 + i)
+        body = {"prompt": PROMPTS[i % len(PROMPTS)], "seconds": args.seconds, "steps": args.steps,
+                "guidance": 2.5, "seed": 1000 + i}
         t = time.perf_counter()
-        rt.generate([req])
-        times.append(time.perf_counter() - t)
-    wall = sum(times)
+        rt.generate([GenerationRequest(prompt=body["prompt"], seconds=body["seconds"], steps=body["steps"],
+                                       guidance_scale=body["guidance"], seed=body["seed"])])
+        local.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        r = httpx.post(url + "/v1/generate", json=body, timeout=args.level_timeout)
+        remote.append(time.perf_counter() - t)
+        if r.status_code != 200:
+            raise SystemExit(f"serve answered {r.status_code}: {r.text[:300]}")
+        batches.append(int(r.headers["x-batch-size"]))
     del rt
-    return {"clips": len(times), "load_and_warmup_s": load_s, "clips_per_s": len(times) / wall,
-            "p50_s": pct(times, 0.5), "p95_s": pct(times, 0.95)}
+    inproc = {"clips": len(local), "load_and_warmup_s": load_s, "clips_per_s": len(local) / sum(local),
+              "p50_s": pct(local, 0.5), "p95_s": pct(local, 0.95)}
+    c1 = {"concurrency": 1, "requests": len(remote), "ok": len(remote), "errors": 0, "wall_s": sum(remote),
+          "clips_per_s": len(remote) / sum(remote), "p50_s": pct(remote, 0.5), "p95_s": pct(remote, 0.95),
+          "mean_batch": statistics.fmean(batches), "paired_with_in_process": True}
+    return inproc, c1
 
 
 class Server:
@@ -191,7 +204,8 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-level", type=int, default=24, help="requests per level (at least 2x the concurrency)")
     ap.add_argument("--generate-calls", type=int, default=5)
-    ap.add_argument("--inprocess-calls", type=int, default=10)
+    ap.add_argument("--inprocess-calls", type=int, default=20,
+                    help="in-process calls, each paired with one request at concurrency 1")
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
     ap.add_argument("--level-timeout", type=float, default=600.0, help="seconds, per level and per request")
@@ -216,14 +230,17 @@ def main() -> int:
             run(cli("-q", "bundle", str(build), "--out", str(bundle)), env, 3600)
         print("1/3 sequential adm-export generate calls ...", file=sys.stderr)
         seq = sequential_generate(build / "engines", args, env, tmp)
-        print("2/3 in-process runtime calls ...", file=sys.stderr)
-        inproc = in_process(bundle, args)
-        print("3/3 adm-export serve under load ...", file=sys.stderr)
         server = Server(bundle, args, env)
         levels = []
         try:
+            print("2/3 in-process runtime calls, each followed by the same request to serve ...", file=sys.stderr)
+            inproc, c1 = paired_c1(bundle, server.url, args)
+            print("3/3 adm-export serve under load ...", file=sys.stderr)
             for c in args.concurrency:
-                levels.append(load_level(server.url, c, max(2 * c, args.requests_per_level), args))
+                if c == 1:
+                    levels.append(c1)
+                else:
+                    levels.append(load_level(server.url, c, max(2 * c, args.requests_per_level), args))
                 print(f"  concurrency {c}: {levels[-1]['clips_per_s']:.2f} clips/s", file=sys.stderr)
         finally:
             exit_code = server.stop()
@@ -261,7 +278,7 @@ def markdown(r: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
         f"| sequential `adm-export generate`, 1 clip per call | {seq['clips']} | {seq['clips_per_s']:.3f} | "
         f"{seq['p50_s']:.3f} | {seq['p95_s']:.3f} | 1 |",
-        f"| runtime in-process, 1 clip per call (warm) | {ip['clips']} | {ip['clips_per_s']:.3f} | {ip['p50_s']:.3f} | "
+        f"| runtime in-process, 1 clip per call (warm; interleaved with concurrency 1) | {ip['clips']} | {ip['clips_per_s']:.3f} | {ip['p50_s']:.3f} | "
         f"{ip['p95_s']:.3f} | 1 |",
     ]
     for lv in r["serve"]:

@@ -16,25 +16,7 @@ import zlib
 import numpy as np
 
 from adm_export.errors import InvalidInputError
-
-try:
-    from adm_export.runtime import GenerationRequest
-except ImportError:  # the bundle runtime is not merged yet: a request type of the same shape
-    import dataclasses
-    import sys
-    import types
-
-    @dataclasses.dataclass(frozen=True)
-    class GenerationRequest:  # type: ignore[no-redef]
-        prompt: str
-        seconds: float
-        steps: int
-        guidance_scale: float
-        seed: int
-
-    _mod = types.ModuleType("adm_export.runtime")
-    _mod.GenerationRequest = GenerationRequest
-    sys.modules["adm_export.runtime"] = _mod
+from adm_export.runtime import GenerationRequest
 
 
 class FakeRuntime:
