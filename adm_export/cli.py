@@ -555,7 +555,8 @@ def serve_cmd(bundle, host, port, device, threads, cuda_graph, prefer_nhwc, max_
     from adm_export.serving.config import RayServeConfig, ServeConfig
 
     level = logging.getLevelName(logging.getLogger("adm_export").level).lower()
-    cfg = ServeConfig(bundle=str(bundle), host=host, port=port, device=device, threads=threads, cuda_graph=cuda_graph,
+    # An absolute path: Ray's replicas do not share this process's working directory.
+    cfg = ServeConfig(bundle=str(bundle.resolve()), host=host, port=port, device=device, threads=threads, cuda_graph=cuda_graph,
                       prefer_nhwc=prefer_nhwc, max_batch=max_batch,
                       max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
                       drain_timeout_s=drain_timeout_s, api_key_file=api_key_file,
