@@ -533,7 +533,8 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
 @click.option("--max-batch", type=int, default=None,
               help="Most requests of the same length sampled in one U-Net batch [default: the bundle's limit].")
 @click.option("--max-wait-ms", type=float, default=10.0, show_default=True,
-              help="How long the oldest waiting request waits for others to share its batch.")
+              help="How long a batch that is not full waits for the next request of its length (each "
+                   "arrival restarts it; at most max-batch times this).")
 @click.option("--max-queue", type=int, default=64, show_default=True,
               help="Most requests waiting for a batch; beyond it: 503 with Retry-After.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,

@@ -89,6 +89,7 @@ def paired_c1(bundle: Path, url: str, args) -> tuple[dict, dict]:
 
     from adm_export.runtime import BundleRuntime, GenerationRequest, RuntimeOptions
 
+    http = httpx.Client(timeout=args.level_timeout)
     t0 = time.perf_counter()
     rt = BundleRuntime(bundle, RuntimeOptions(device=args.device, threads=args.threads, cuda_graph=args.cuda_graph))
     rt.warmup()
@@ -102,7 +103,7 @@ def paired_c1(bundle: Path, url: str, args) -> tuple[dict, dict]:
                                        guidance_scale=body["guidance"], seed=body["seed"])])
         local.append(time.perf_counter() - t)
         t = time.perf_counter()
-        r = httpx.post(url + "/v1/generate", json=body, timeout=args.level_timeout)
+        r = http.post(url + "/v1/generate", json=body)
         remote.append(time.perf_counter() - t)
         if r.status_code != 200:
             raise SystemExit(f"serve answered {r.status_code}: {r.text[:300]}")
@@ -161,11 +162,20 @@ class Server:
 def load_level(url: str, concurrency: int, n: int, args) -> dict:
     import httpx
 
+    # One keep-alive client per thread, as a real client holds one: a new httpx client per request
+    # builds an SSL context (tens of ms of CPU), which made closed-loop clients miss the batch window.
+    local = threading.local()
+
+    def client():
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=args.level_timeout)
+        return local.client
+
     def one(i: int):
         body = {"prompt": PROMPTS[i % len(PROMPTS)], "seconds": args.seconds, "steps": args.steps, "seed": i}
         t = time.perf_counter()
         try:
-            r = httpx.post(url + "/v1/generate", json=body, timeout=args.level_timeout)
+            r = client().post(url + "/v1/generate", json=body)
             code = r.status_code
             batch = int(r.headers.get("x-batch-size", 0))
         except httpx.HTTPError:

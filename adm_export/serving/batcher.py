@@ -4,11 +4,12 @@ The event loop only submits jobs and awaits their futures; sampling runs in the 
 thread (ONNX Runtime releases the GIL), so health checks and metrics answer during a long batch.
 
 A batch starts when the worker is free and either ``max_batch`` jobs of the oldest job's key are
-waiting or ``max_wait_ms`` have passed since the later of the oldest job's arrival and the end of
-the previous batch; while a batch runs, new jobs accumulate and form the next one. Counting the wait
-from the previous batch's end too lets the clients it just answered come back and join: with the
-oldest job's arrival alone, closed-loop clients settle into alternating batches (7 + 1 at 8 clients
-and batch 8), half the throughput of full batches on a GPU. Jobs of other keys wait their turn in arrival order (the oldest job always
+waiting or no job of that key has arrived for ``max_wait_ms`` (counted from the later of the last
+arrival and the end of the previous batch; at most ``max_batch * max_wait_ms`` in all). While a
+batch runs, new jobs accumulate and form the next one. Counting from the previous batch's end, and
+restarting at each arrival, lets the clients it just answered come back and join (their answers
+leave one after another): counted from the oldest arrival alone, closed-loop clients settled into
+alternating batches (7 + 1, or 4 + 8 on a loaded CPU, at 8 clients and batch 8). Jobs of other keys wait their turn in arrival order (the oldest job always
 chooses the next key, so no key starves). At most ``max_queue`` jobs wait (:class:`QueueFullError`
 beyond), plus at most ``max_batch`` being sampled: memory is bounded whatever the load.
 
@@ -71,7 +72,7 @@ class DynamicBatcher:
     Args:
         runtime: Object with ``batch_key(request)`` and ``generate(requests, cancelled)``.
         max_batch: Most jobs per batch.
-        max_wait_ms: Longest time the oldest waiting job waits for company.
+        max_wait_ms: How long a batch waits for the next job of its key (restarted by each arrival).
         max_queue: Most jobs waiting (not yet sampling).
         metrics: Optional :class:`~adm_export.serving.metrics.ServingMetrics`.
     """
@@ -182,7 +183,9 @@ class DynamicBatcher:
                     return None
                 head = self._queue[0]
                 batch = [j for j in self._queue if j.key == head.key][: self.max_batch]
-                remaining = max(head.arrived, self._free_since) + self.max_wait - time.monotonic()
+                anchor = max(head.arrived, self._free_since)
+                last = max(anchor, max(j.arrived for j in batch))
+                remaining = min(last + self.max_wait, anchor + self.max_wait * self.max_batch) - time.monotonic()
                 if len(batch) >= self.max_batch or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)  # more jobs, a cancel, or the wait is over: look again

@@ -28,7 +28,8 @@ class ServeConfig:
         cuda_graph: CUDA: replay each U-Net step as a captured CUDA graph (one per batch shape).
         prefer_nhwc: CUDA: let ONNX Runtime use NHWC convolution kernels in the U-Net.
         max_batch: Most requests sampled together in one U-Net batch; ``None``: the bundle's limit.
-        max_wait_ms: How long the oldest waiting request may wait for others to share its batch.
+        max_wait_ms: How long a batch that is not full waits for the next request of its length (each
+            arrival restarts the wait; at most ``max_batch`` times this in all).
         max_queue: Most requests waiting for a batch; beyond it a request gets 503 with Retry-After.
         timeout_s: Per-request limit from arrival to the clip (504 after it; its work is dropped).
         drain_timeout_s: On SIGTERM, how long accepted requests may take to finish before the
