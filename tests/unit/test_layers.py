@@ -13,7 +13,7 @@ Layers, lowest first (README "Development" states the same order):
     engines     engines/
     eval        eval/ (embedders, FD statistics, gate, scoring, harness, report, figures)
     runtime     runtime/ (the torch-free bundle runtime, when it lands)
-    stages      build, serve, inspect, ci_gate, stages/; reference/ (corpus and training recipe:
+    stages      build, bundle, serve, serving/, inspect, ci_gate, stages/; reference/ (corpus and training recipe:
                 tooling on top of the runtime, which no runtime module imports)
     cli         cli, __main__
 
@@ -48,8 +48,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("adm_export.engines",)),
     ("eval", ("adm_export.eval",)),
     ("runtime", ("adm_export.runtime",)),
-    ("stages", ("adm_export.build", "adm_export.bundle", "adm_export.serve", "adm_export.stages", "adm_export.inspect",
-                "adm_export.ci_gate", "adm_export.reference")),
+    ("stages", ("adm_export.build", "adm_export.bundle", "adm_export.serve", "adm_export.serving", "adm_export.stages",
+                "adm_export.inspect", "adm_export.ci_gate", "adm_export.reference")),
     ("cli", ("adm_export.cli", "adm_export.__main__")),
 ]
 
