@@ -15,6 +15,9 @@
 #                  CUDA, CLI option matrix, parity against torch                            ~6 min
 #   suite-engine   test_cuda_engine.py: every family's CUDA engine, options, refusals        ~5 min
 #   suite-other    the rest of tests/gpu (serving, bundle runtime, BigVGAN, HTTP serve)     ~3-5 min
+#   suite-all      the six suite parts above side by side in one command (the GPU is idle most of
+#                  each part's time: CPU-side tracing, ModelOpt, ONNX export; 16 cores), then their
+#                  results merged into gpu_suite.json/.md; ADM_SUITE_SECONDS (default 480) bounds it
 #   prepare      the race's engines, if suite-build/-stages did not run on this machine      ~5 min
 #   race         U-Net step latency: engines vs torch eager / torch.compile, batch 1/2/8      ~5-7 min
 #   e2e          adm-export generate per clip, 4 and 64 clips, engines vs the torch pipeline  ~4-6 min
@@ -24,7 +27,7 @@
 # `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
 # speed_gpu_<phase>.json, and <part>.log (the whole console output).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh suite-build|suite-stages|suite-families|suite-matrix|suite-engine|suite-other|prepare|race|e2e|smoke}
+part=${1:?usage: gpu_session.sh suite-all|suite-build|suite-stages|suite-families|suite-matrix|suite-engine|suite-other|prepare|race|e2e|smoke}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 out=${OUT:-$here/gpu-out}
@@ -40,22 +43,45 @@ log="$out/$part.log"
 # SIGINT (not TERM) at the deadline: pytest then still writes its report, the benchmark its JSON.
 status=0
 run() { timeout -s INT -k 20 "$1" "${@:2}" 2>&1 | tee -a "$log" || status=$?; }
+# A part's time limit: 575 s alone; suite-all gives its parts what is left of its own bound.
+limit=${ADM_PART_SECONDS:-575}
 
 { echo "part $part · $(date -u '+%F %T UTC') · commit $ADM_COMMIT"; nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null; } | tee "$log"
 case "$part" in
   suite-build)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k build --gpu-report "$out/gpu_suite_build" ;;
+    run "$limit" "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k build --gpu-report "$out/gpu_suite_build" ;;
   suite-stages)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k "not build" --gpu-report "$out/gpu_suite_stages" ;;
+    run "$limit" "$py" -m pytest -q -rA tests/gpu/test_flow_gpu.py -k "not build" --gpu-report "$out/gpu_suite_stages" ;;
   suite-families)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_families_gpu.py --gpu-report "$out/gpu_suite_families" ;;
+    run "$limit" "$py" -m pytest -q -rA tests/gpu/test_families_gpu.py --gpu-report "$out/gpu_suite_families" ;;
   suite-matrix)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_matrix_gpu.py --gpu-report "$out/gpu_suite_matrix" ;;
+    run "$limit" "$py" -m pytest -q -rA tests/gpu/test_matrix_gpu.py --gpu-report "$out/gpu_suite_matrix" ;;
   suite-engine)
-    run 575 "$py" -m pytest -q -rA tests/gpu/test_cuda_engine.py --gpu-report "$out/gpu_suite_engine" ;;
+    run "$limit" "$py" -m pytest -q -rA tests/gpu/test_cuda_engine.py --gpu-report "$out/gpu_suite_engine" ;;
   suite-other)
-    run 575 "$py" -m pytest -q -rA tests/gpu --ignore tests/gpu/test_flow_gpu.py --ignore tests/gpu/test_families_gpu.py \
+    run "$limit" "$py" -m pytest -q -rA tests/gpu --ignore tests/gpu/test_flow_gpu.py --ignore tests/gpu/test_families_gpu.py \
       --ignore tests/gpu/test_matrix_gpu.py --ignore tests/gpu/test_cuda_engine.py --gpu-report "$out/gpu_suite_other" ;;
+  suite-all)
+    # The saved AudioLDM-S-sized folder first (the parts would otherwise all write it at once).
+    run 120 "$py" -c "import sys; from tests.gpu.conftest import saved_pipeline; print(saved_pipeline(sys.argv[1]))" \
+      "$ADM_GPU_WORKDIR"
+    left=$(( ${ADM_SUITE_SECONDS:-480} - SECONDS ))
+    pids=()
+    for p in build stages families matrix engine other; do
+      # Each part logs to its own file; a few threads each so that six share the 16 cores.
+      OMP_NUM_THREADS=2 ADM_PART_SECONDS=$left bash "$0" "suite-$p" >/dev/null 2>&1 &
+      pids+=($!)
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    for p in build stages families matrix engine other; do tail -n 3 "$out/suite-$p.log" | tee -a "$log"; done
+    reports=("$out"/gpu_suite_{build,stages,families,matrix,engine,other}.json)
+    existing=()
+    for r in "${reports[@]}"; do [[ -f $r ]] && existing+=("$r"); done
+    if ((${#existing[@]})); then
+      run 60 "$py" -m tests.gpu.report merge "${existing[@]}" --out "$out/gpu_suite"
+    else
+      echo "no part wrote a result file" | tee -a "$log"; status=1
+    fi ;;
   prepare)
     run 575 "$py" benchmarks/speed_gpu.py --phase prepare --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 540 ;;
   race)
@@ -63,7 +89,7 @@ case "$part" in
   e2e)
     run 575 "$py" benchmarks/speed_gpu.py --phase e2e --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 480 ;;
   smoke)
-    ADM_GPU_SUITE_DRY_RUN=cpu ADM_GPU_WORKDIR=/tmp/adm-smoke run 575 "$py" -m pytest -q -x tests/gpu/test_families_gpu.py \
+    ADM_GPU_SUITE_DRY_RUN=cpu ADM_GPU_WORKDIR=/tmp/adm-smoke run "$limit" "$py" -m pytest -q -x tests/gpu/test_families_gpu.py \
       -k tiny-audioldm --gpu-report "$out/gpu_suite_smoke"
     run 575 "$py" benchmarks/speed_gpu.py --smoke --device cpu --workdir /tmp/adm-smoke --out "$out" ;;
   *) echo "unknown part $part" >&2; exit 2 ;;

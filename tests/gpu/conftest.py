@@ -164,13 +164,21 @@ def gpu_workdir(tmp_path_factory) -> Path:
 def audioldm_s_dir(gpu_workdir) -> Path:
     """An AudioLDM-S-sized ``AudioLDMPipeline`` with seeded random weights, written by ``save_pretrained``
     exactly like a downloaded checkpoint (``benchmarks/speed_common.build_audioldm_s_pipeline``)."""
-    folder = gpu_workdir / ("tiny-audioldm-dir" if DRY_RUN else "audioldm-s")
+    return saved_pipeline(gpu_workdir)
+
+
+def saved_pipeline(workdir: Path) -> Path:
+    """Write the suite's saved pipeline folder under ``workdir`` unless it is there; return it.
+
+    ``benchmarks/gpu_session.sh suite-all`` calls this once before it starts the suite's parts side by side,
+    so that they do not all write the same folder at once."""
+    folder = Path(workdir) / ("tiny-audioldm-dir" if DRY_RUN else "audioldm-s")
     if not (folder / "model_index.json").is_file():
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import speed_common
 
         pipe = speed_common.build_pipeline("tiny" if DRY_RUN else "audioldm-s", seed=0)
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         pipe.save_pretrained(str(tmp))
         tmp.rename(folder)
         del pipe
