@@ -308,7 +308,7 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
                                 placement=placement, sensitivity_points=sensitivity_points,
                                 sensitivity_granularity=sensitivity_granularity, trajectory_check=trajectory_check,
                                 sensitivity_frames=sensitivity_frames),
-        export=ExportConfig(placement=placement),
+        export=ExportConfig(placement=placement, device=device),
         engine=EngineConfig(backend=engine, device=device),
         eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
                           reference, device, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
@@ -391,14 +391,16 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
 @click.option("--opset", type=int, default=17, show_default=True)
 @click.option("--placement", type=_choices(Placement), default=Placement.TENSORRT.value, show_default=True)
 @click.option("--parity-points", type=int, default=4, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where torch traces the quantized model and runs its side of the parity check.")
 @handle_errors
-def export_cmd(quantized, calibration, out, force, opset, placement, parity_points):
+def export_cmd(quantized, calibration, out, force, opset, placement, parity_points, device):
     """Export the quantized denoiser to ONNX (Q/DQ, INT8 weights) and check parity in ONNX Runtime."""
     from adm_export.config import ExportConfig
     from adm_export.export.onnx import export_onnx
 
-    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points), quantized, out,
-                           calibration, force=force)
+    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points, device=device),
+                           quantized, out, calibration, force=force)
     s, p = manifest["sizes"], manifest["parity"]
     click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
                f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "

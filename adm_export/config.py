@@ -183,17 +183,21 @@ class ExportConfig:
         opset: ONNX opset (INT8 Q/DQ needs >= 13; per-channel weights with axis >= 13).
         placement: Q/DQ placement for the serving target.
         parity_points: Number of cached inputs on which ONNX Runtime is compared with torch.
+        device: Where torch traces the quantized model and runs its side of the parity check
+            (``cpu`` or ``cuda``; ONNX Runtime's side runs on the CPU either way).
     """
 
     opset: int = 17
     placement: Placement = Placement.TENSORRT
     parity_points: int = 4
+    device: str = "cpu"
 
     def __post_init__(self):
         object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
         if self.opset < 13:
             raise InvalidInputError(f"invalid --opset {self.opset}: Q/DQ export needs opset >= 13")
         _positive("--parity-points", self.parity_points)
+        _check_device(self.device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Layers, lowest first (README "Development" states the same order):
 
-    base        errors, progress, the package root (``__version__``)
+    base        errors, progress, devices, the package root (``__version__``)
     formats     formats/ (per-layer formats and policies, presets, serving targets: data)
     config      config, artifacts, distributed
     numerics    numerics, audio (shared numerics; mel/STFT/resampling)
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2] / "adm_export"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # The root holds only __version__ today; when it becomes the lazy public API it moves to the top
     # and ``artifacts`` must take the version from a module of its own.
-    ("base", ("adm_export", "adm_export.errors", "adm_export.progress")),
+    ("base", ("adm_export", "adm_export.errors", "adm_export.progress", "adm_export.devices")),
     ("formats", ("adm_export.formats",)),
     ("config", ("adm_export.config", "adm_export.artifacts", "adm_export.distributed")),
     ("numerics", ("adm_export.numerics", "adm_export.audio")),
