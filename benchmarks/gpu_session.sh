@@ -25,6 +25,9 @@
 #                served with CUDA graphs; concurrency 1/8/32 vs sequential generate (issue 15)  ~5-8 min
 #   smoke        the CPU checks of the suite and the benchmark script (no GPU needed)          ~3 min
 #
+# With 30 minutes of device time (install ~4 min): suite-all, race, e2e, serve-load, back to back on one
+# warm machine (race and e2e reuse suite-all's folders; if the machine went cold between calls, prepare first).
+#
 # Files in $OUT: gpu_suite_<part>.json/.md (tests/gpu/report.py; merge the parts with
 # `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
 # speed_gpu_<phase>.json, and <part>.log (the whole console output).
