@@ -314,7 +314,7 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
                                 placement=placement, sensitivity_points=sensitivity_points,
                                 sensitivity_granularity=sensitivity_granularity, trajectory_check=trajectory_check,
                                 sensitivity_frames=sensitivity_frames),
-        export=ExportConfig(placement=placement),
+        export=ExportConfig(placement=placement, device=device),
         engine=EngineConfig(backend=engine, device=device),
         eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
                           reference, device, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
@@ -398,14 +398,16 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
 @click.option("--placement", type=_choices(Placement), default=None,
               help="Q/DQ placement; fixed at quantize time [default: the quantized model's].")
 @click.option("--parity-points", type=int, default=4, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where torch traces the quantized model and runs its side of the parity check.")
 @handle_errors
-def export_cmd(quantized, calibration, out, force, opset, placement, parity_points):
+def export_cmd(quantized, calibration, out, force, opset, placement, parity_points, device):
     """Export the quantized denoiser to ONNX (Q/DQ, INT8 weights) and check parity in ONNX Runtime."""
     from adm_export.config import ExportConfig
     from adm_export.export.onnx import export_onnx
 
-    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points), quantized, out,
-                           calibration, force=force)
+    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points, device=device),
+                           quantized, out, calibration, force=force)
     s, p = manifest["sizes"], manifest["parity"]
     click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
                f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "
@@ -440,24 +442,37 @@ def export_baseline(model, out, force, dtype, opset, device):
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--force", is_flag=True)
 @click.option("--backend", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: serve the export as it is; cuda: build the fused FP16 CUDA engine (checked on the GPU).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores).")
+@click.option("--cuda-fusions/--no-cuda-fusions", default=True, show_default=True,
+              help="--device cuda: fuse attention, GroupNorm and NHWC convolutions (ONNX Runtime's diffusion "
+                   "optimizer); --no-cuda-fusions serves the same FP16 graph unfused.")
+@click.option("--parity-tolerance", type=float, default=1e-2, show_default=True,
+              help="--device cuda: largest relative L2 of the engine to its FP32 reference.")
 @handle_errors
-def engine(onnx_dir, out, force, backend, device, threads):
+def engine(onnx_dir, out, force, backend, device, threads, cuda_fusions, parity_tolerance):
     """Build engines: ONNX Runtime always, TensorRT / TensorRT-RTX when asked or installed."""
     from adm_export.config import EngineConfig
     from adm_export.engines.stage import build_engines
 
-    manifest = build_engines(EngineConfig(backend=backend, device=device, threads=threads), onnx_dir, out, force=force)
+    cfg = EngineConfig(backend=backend, device=device, threads=threads, cuda_fusions=cuda_fusions,
+                       parity_tolerance=parity_tolerance)
+    manifest = build_engines(cfg, onnx_dir, out, force=force)
     for name, e in manifest["report"]["engines"].items():
-        if e.get("built", True):
-            click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
-            vs = e.get("vs_fp32")
-            if vs:
-                click.echo(f"{name}: {vs['speedup_vs_fp32']:.2f}x FP32 on this CPU ({vs['engine']['median_ms']:.1f} vs "
-                           f"{vs['fp32_reference']['median_ms']:.1f} ms per denoiser call)")
-        else:
+        if not e.get("built", True):
             click.echo(f"{name}: not built ({e.get('reason')})")
+        elif e.get("summary"):
+            parity = e.get("parity") or {}
+            what = "served graph" if parity.get("served_graph_checked") else "CPU-runnable fusions only: no GPU here"
+            click.echo(f"{name} ({e.get('graph')}): {e['summary']}; parity {parity.get('max', float('nan')):.2e} "
+                       f"on {parity.get('device')} ({what})")
+        else:
+            click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
+        vs = e.get("vs_fp32")
+        if vs:
+            click.echo(f"{name}: {vs['speedup_vs_fp32']:.2f}x FP32 on this CPU ({vs['engine']['median_ms']:.1f} vs "
+                       f"{vs['fp32_reference']['median_ms']:.1f} ms per denoiser call)")
     click.echo(f"engines -> {out}")
 
 
@@ -514,13 +529,17 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: all cores).")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="ONNX Runtime provider (auto: CUDA with --device cuda, else CPU).")
-@click.option("--io-binding/--no-io-binding", default=True, show_default=True,
-              help="CUDA: bind GPU tensors to the engine (no host copies).")
-@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each step as a captured CUDA graph (static shapes).")
+@click.option("--io-binding/--no-io-binding", default=None,
+              help="CUDA: bind GPU tensors to the engine, no host copies (default: on).")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="CUDA: replay each step as a captured CUDA graph, one per input shape (default: on with a GPU "
+                   "provider and IO binding).")
 @click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
+@click.option("--cudnn-search", type=click.Choice(["exhaustive", "heuristic", "default"]), default="exhaustive",
+              show_default=True, help="CUDA: cuDNN convolution algorithm search (paid once per shape, at warm-up).")
 @handle_errors
 def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device,
-             batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc):
+             batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc, cudnn_search):
     """Generate WAV files with the pipeline, its denoiser served by the engine."""
     from adm_export.serve import GenerateConfig, generate as run
 
@@ -528,9 +547,63 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
                          prompts_file=prompts_file, audio_seconds=seconds, steps=steps,
                          guidance_scale=guidance_scale, seed=seed, device=device, batch_size=batch_size, plot=plot,
                          threads=threads, ort_provider=ort_provider, io_binding=io_binding, cuda_graph=cuda_graph,
-                         prefer_nhwc=prefer_nhwc)
+                         prefer_nhwc=prefer_nhwc, cudnn_search=cudnn_search)
     files = run(cfg, out, force=force)
     click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
+
+
+@cli.command("serve")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0: every interface; put auth or a proxy in front).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port, printed).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: ONNX Runtime's default).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each U-Net step as a captured CUDA graph.")
+@click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
+@click.option("--max-batch", type=int, default=None,
+              help="Most requests of the same length sampled in one U-Net batch [default: the bundle's limit].")
+@click.option("--max-wait-ms", type=float, default=10.0, show_default=True,
+              help="How long a batch that is not full waits for the next request of its length (each "
+                   "arrival restarts it; at most max-batch times this).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Most requests waiting for a batch; beyond it: 503 with Retry-After.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
+              help="Per-request limit in seconds (504 after it; the work is dropped).")
+@click.option("--drain-timeout", "drain_timeout_s", type=float, default=60.0, show_default=True,
+              help="On SIGTERM: seconds accepted requests may take to finish before the process exits.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding a bearer token that /v1/generate then requires (read once, never logged).")
+@click.option("--ray", "use_ray", is_flag=True, help="Run under Ray Serve (pip install 'adm-export[ray]'), "
+              "one runtime per replica.")
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: fixed replica count.")
+@click.option("--min-replicas", type=int, default=None, help="With --ray: autoscaling lower bound.")
+@click.option("--max-replicas", type=int, default=None, help="With --ray: autoscaling upper bound (turns it on).")
+@click.option("--ray-address", default=None, help="With --ray: a running cluster (default: a local Ray instance).")
+@handle_errors
+def serve_cmd(bundle, host, port, device, threads, cuda_graph, prefer_nhwc, max_batch, max_wait_ms, max_queue,
+              timeout_s, drain_timeout_s, api_key_file, use_ray, replicas, min_replicas, max_replicas, ray_address):
+    """Serve a bundle over HTTP: POST /v1/generate -> WAV, GET /health, GET /metrics (SIGTERM drains)."""
+    from adm_export.serving.config import RayServeConfig, ServeConfig
+
+    level = logging.getLevelName(logging.getLogger("adm_export").level).lower()
+    # An absolute path: Ray's replicas do not share this process's working directory.
+    cfg = ServeConfig(bundle=str(bundle.resolve()), host=host, port=port, device=device, threads=threads, cuda_graph=cuda_graph,
+                      prefer_nhwc=prefer_nhwc, max_batch=max_batch,
+                      max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
+                      drain_timeout_s=drain_timeout_s, api_key_file=api_key_file,
+                      log_level=level if level in ("debug", "info", "warning") else "info")
+    if use_ray:
+        from adm_export.serving.ray_app import run_ray
+
+        ray_cfg = RayServeConfig(serve=cfg, num_replicas=replicas,
+                                 min_replicas=min_replicas if min_replicas is not None else 1,
+                                 max_replicas=max_replicas)
+        run_ray(ray_cfg, address=ray_address)
+        return
+    from adm_export.serving.server import serve
+
+    serve(cfg)
 
 
 @cli.command("bundle")

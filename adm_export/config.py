@@ -173,11 +173,14 @@ class ExportConfig:
         opset: ONNX opset (INT8 Q/DQ needs >= 13; per-channel weights with axis >= 13).
         placement: Q/DQ placement; ``None``: the quantized model's (chosen at quantize time).
         parity_points: Number of cached inputs on which ONNX Runtime is compared with torch.
+        device: Where torch traces the quantized model and runs its side of the parity check
+            (``cpu`` or ``cuda``; ONNX Runtime's side runs on the CPU either way).
     """
 
     opset: int = 17
     placement: Placement | None = None
     parity_points: int = 4
+    device: str = "cpu"
 
     def __post_init__(self):
         if self.placement is not None:
@@ -185,6 +188,7 @@ class ExportConfig:
         if self.opset < 13:
             raise InvalidInputError(f"invalid --opset {self.opset}: Q/DQ export needs opset >= 13")
         _positive("--parity-points", self.parity_points)
+        _check_device(self.device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,17 +197,25 @@ class EngineConfig:
 
     Attributes:
         backend: Which engine to build.
-        device: Where the ONNX Runtime session runs (``cpu`` or ``cuda``).
+        device: Where the ONNX Runtime engine runs: ``cpu`` serves the export as it is; ``cuda``
+            builds the fused FP16 CUDA engine (``engines.onnxruntime.cuda``).
         threads: ONNX Runtime intra-op threads; 0 lets it choose.
+        cuda_fusions: ``cuda``: run ONNX Runtime's diffusion optimizer (``False``: the same FP16
+            graph unfused, a fallback when the fused engine fails its parity check).
+        parity_tolerance: ``cuda``: largest relative L2 of the served graph to its FP32 reference.
     """
 
     backend: EngineBackend = EngineBackend.ONNXRUNTIME
     device: str = "cpu"
     threads: int = 0
+    cuda_fusions: bool = True
+    parity_tolerance: float = 1e-2
 
     def __post_init__(self):
         object.__setattr__(self, "backend", parse_enum(EngineBackend, self.backend, "--engine"))
         _check_device(self.device)
+        if not 0 < self.parity_tolerance < 1:
+            raise InvalidInputError(f"invalid --parity-tolerance {self.parity_tolerance!r}: must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

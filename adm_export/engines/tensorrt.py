@@ -75,6 +75,9 @@ _INSTALL_HINT = (
     "full TensorRT"
 )
 
+# Warnings that say nothing to act on, logged at DEBUG: TensorRT-RTX widens the FP16 Q/DQ scales
+# of an FP16-typed graph (engines.fp16_qdq) to FP32 inside each convolution, once per layer.
+_BENIGN_WARNINGS = ("Converting conv activation scales to fp32.", "Converting conv weight scales to fp32.")
 _COMPUTE_TYPES = {"CONVOLUTION", "DECONVOLUTION", "MATRIX_MULTIPLY"}
 _QDQ_TYPES = {"QUANTIZE", "DEQUANTIZE", "DYNAMIC_QUANTIZE"}
 _PASS_THROUGH_TYPES = {"SHUFFLE", "SQUEEZE", "UNSQUEEZE"}  # move data without changing its type
@@ -171,7 +174,7 @@ def _make_logger(trt: Any, backend: str):
                     self.errors.append(_one_line(text))
                 level = logging.DEBUG if self.quiet else logging.ERROR
             elif sev == int(severity.WARNING):
-                level = logging.DEBUG if self.quiet else logging.WARNING
+                level = logging.DEBUG if self.quiet or text.endswith(_BENIGN_WARNINGS) else logging.WARNING
             elif sev == int(severity.INFO):
                 level = logging.DEBUG
             else:  # VERBOSE: very chatty, never forwarded

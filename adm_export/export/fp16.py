@@ -134,8 +134,9 @@ def export_full_precision(cfg: FullPrecisionExportConfig, out: str | Path, adapt
     from adm_export.numerics import rel_l2
     from adm_export.models import load_model
 
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise InvalidInputError("--device cuda but torch sees no CUDA device; use --device cpu")
+    from adm_export.devices import check_device
+
+    check_device(cfg.device)
     # 1. The module in the export dtype, on the tracing device.
     adapter = adapter or load_model(cfg.model)
     spec = adapter.denoiser_spec()
