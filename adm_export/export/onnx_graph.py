@@ -521,8 +521,19 @@ def _all_zero(name: str, inits: dict, prod: dict) -> bool:
     return False
 
 
+def _attention_scores(name: str, prod: dict) -> bool:
+    """Whether ``name`` is a ``MatMul`` output, or one scaled by a ``Mul``/``Div`` (``alpha * q k^T``)."""
+    node = prod.get(name)
+    if node is None:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    return node.op_type in ("Mul", "Div") and any(
+        prod.get(i) is not None and prod[i].op_type == "MatMul" for i in node.input)
+
+
 def fold_zero_attention_bias(model) -> int:
-    """Remove ``Add(x, zeros)`` where the second term is a constant zero: ``x`` goes on.
+    """Remove ``Add(scores, zeros)`` where the second term is a constant zero: the scores go on.
 
     diffusers' classic attention computes the scores as ``baddbmm(empty, q, k^T, beta=0,
     alpha=scale)``, which the TorchScript exporter writes as ``Add(Mul(MatMul(q, k^T), alpha),
@@ -530,7 +541,10 @@ def fold_zero_attention_bias(model) -> int:
     multiplied and added on every call (three passes over B x heads x L x L values on the CPU)
     to add nothing (with static shapes, constant folding leaves an all-zero initializer instead).
     A masked attention (a real bias, beta = 1) is left alone. Broadcasting is safe: the zero term
-    is the size of the scores, never larger than ``x``.
+    is the size of the scores, never larger than them. Only an addition to a (scaled) ``MatMul``
+    output is removed: a zero GroupNorm beta (``Add(Mul(norm, gamma), 0)``, as in a freshly
+    initialised model) stays, because ONNX Runtime's diffusion optimizer matches GroupNorm and
+    SiLU by that pattern (without the Add it mistook the gamma ``Mul`` for QuickGelu's and failed).
 
     Returns:
         The number of additions removed.
@@ -545,7 +559,7 @@ def fold_zero_attention_bias(model) -> int:
         if node.op_type != "Add" or len(node.input) != 2 or node.output[0] in outputs:
             continue
         for keep, other in ((0, 1), (1, 0)):
-            if not _all_zero(node.input[other], inits, prod) or _all_zero(node.input[keep], inits, prod):
+            if not _all_zero(node.input[other], inits, prod) or not _attention_scores(node.input[keep], prod):
                 continue
             rename[node.output[0]] = node.input[keep]
             drop.add(id(node))

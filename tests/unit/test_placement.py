@@ -183,6 +183,19 @@ def test_zero_attention_bias_is_folded_and_a_mask_is_kept(tmp_path):
         onnx.checker.check_model(model)
         np.testing.assert_array_equal(_session(model).run(None, {"x": feed["x"]})[0], ref)
 
+    # A zero GroupNorm beta (a freshly initialised model) is not attention: it stays (ONNX Runtime's
+    # diffusion optimizer matches GroupNorm -> SiLU by its Add).
+    norm = helper.make_graph(
+        [helper.make_node("Mul", ["x", "gamma"], ["scaled"]), helper.make_node("Add", ["scaled", "beta"], ["normed"]),
+         helper.make_node("Sigmoid", ["normed"], ["sig"]), helper.make_node("Mul", ["normed", "sig"], ["y"])],
+        "norm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])],
+        [numpy_helper.from_array(np.ones((4, 1, 1), np.float32), "gamma"),
+         numpy_helper.from_array(np.zeros((4, 1, 1), np.float32), "beta")])
+    norm_model = helper.make_model(norm)
+    assert onnx_graph.fold_zero_attention_bias(norm_model) == 0
+    assert [n.op_type for n in norm_model.graph.node] == ["Mul", "Add", "Sigmoid", "Mul"]
+
     feed = _classic_attention_onnx(tmp_path / "m.onnx", mask=True)
     masked = onnx.load(str(tmp_path / "m.onnx"))
     onnx_graph.constants_to_initializers(masked)
