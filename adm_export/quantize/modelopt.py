@@ -35,15 +35,15 @@ def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig, pla
     """
     if plans is None:
         plans, _, _ = plan_layers(cfg, adapter)
-    placement = resolve_placement(cfg)["value"]
+    placement = resolve_placement(cfg, adapter.family)["value"]
     return quantize_with_plans(adapter, list(cache.points()), plans, placement)
 
 
-def resolve_placement(cfg: QuantizeConfig) -> dict:
-    """``--placement`` or else the one ``--target`` needs: ``{"value", "reason", "source"}``."""
+def resolve_placement(cfg: QuantizeConfig, family: str | None = None) -> dict:
+    """``--placement`` or else the one ``--target`` needs (for this model family): ``{"value", "reason", "source"}``."""
     from adm_export.formats.capabilities import placement_for
 
-    return placement_for(cfg.target, cfg.placement)
+    return placement_for(cfg.target, cfg.placement, family)
 
 
 def output_quantized_layers(plans, placement) -> list[str]:

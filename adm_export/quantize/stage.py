@@ -67,7 +67,7 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
 
     # 5. Quantize a copy with the final plan, calibrated on the cache, with the Q/DQ placement the
     #    serving target needs (or --placement).
-    placement = resolve_placement(cfg)
+    placement = resolve_placement(cfg, adapter.family)
     logger.info("placement %s (%s)", placement["value"], placement["reason"])
     model = quantize_with_plans(adapter, list(cache.points()), plans, placement["value"])
     errors = [rel_l2(run_denoiser(adapter, model, p), ref) for p, ref in zip(cache.points(), reference)]

@@ -43,6 +43,14 @@ def test_each_target_has_a_placement_and_a_reason():
                       "reason": "given with --placement (--target onnxruntime-cpu would use onnxruntime)"}
     with pytest.raises(InvalidInputError, match="--placement 'qnn'"):
         placement_for("tensorrt", "qnn")
+    # A family whose export misses parity in the target's placement keeps another one (data, with why).
+    from adm_export.formats.capabilities import FAMILY_PLACEMENT
+
+    assert ("make_an_audio", Target.ORT_CPU) in FAMILY_PLACEMENT
+    maa = placement_for("onnxruntime-cpu", family="make_an_audio")
+    assert maa["value"] == "tensorrt" and "make_an_audio family" in maa["reason"] and "parity" in maa["reason"]
+    assert placement_for("onnxruntime-cpu", family="audioldm")["value"] == "onnxruntime"
+    assert placement_for("onnxruntime-cpu", "onnxruntime", family="make_an_audio")["value"] == "onnxruntime"
 
 
 def test_engine_and_device_give_the_target():
