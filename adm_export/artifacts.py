@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from adm_export import __version__
+from adm_export.version import __version__
 from adm_export.errors import ArtifactNotFoundError, ManifestMismatchError, OutputExistsError
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,14 @@ def read_manifest(folder: str | os.PathLike, stage: str, flag: str, verify_hashe
             f"{flag} {str(folder)!r} is not a {stage} artifact (no {MANIFEST}); "
             f"run the {stage} stage first or point {flag} at its output folder"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise ManifestMismatchError(
+            f"{flag} {str(folder)!r}: {MANIFEST} is not valid JSON ({exc}); re-run the {stage} stage"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise ManifestMismatchError(f"{flag} {str(folder)!r}: {MANIFEST} is not a manifest; re-run the {stage} stage")
     if manifest.get("stage") != stage:
         raise ManifestMismatchError(
             f"{flag} {str(folder)!r} holds a {manifest.get('stage')!r} artifact, expected {stage!r}"
@@ -138,10 +145,14 @@ def read_manifest(folder: str | os.PathLike, stage: str, flag: str, verify_hashe
             f"{flag} {str(folder)!r} has format version {manifest.get('format_version')}, this "
             f"adm-export reads version {FORMAT_VERSION}; re-run the {stage} stage"
         )
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and "bytes" in i for i in files.values()):
+        raise ManifestMismatchError(f"{flag} {str(folder)!r}: {MANIFEST} lists its files in an unknown form; "
+                                    f"re-run the {stage} stage")
+    for name, info in files.items():
         f = folder / name
         if not f.is_file() or f.stat().st_size != info["bytes"] or (
-                verify_hashes and sha256_file(f) != info["sha256"]):
+                verify_hashes and sha256_file(f) != info.get("sha256")):
             raise ManifestMismatchError(
                 f"{flag} {str(folder)!r}: file {name!r} is missing or changed since the manifest "
                 f"was written; re-run the {stage} stage"
@@ -160,6 +171,22 @@ def check_same_model(manifest: dict, model: dict, flag: str) -> None:
                 f"{str(model.get('fingerprint'))[:12]}); pass --model {theirs.get('id')} or re-run "
                 f"the earlier stage for this model"
             )
+
+
+def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> None:
+    """Refuse an output path that is a file, or a non-empty folder without ``force``.
+
+    Nothing is changed on disk: a non-empty folder is replaced only when the new one is complete
+    (:func:`atomic_dir`). Whether the folder can be created at all is found out by taking its lock
+    (:class:`adm_export.stages.runner.OutputLock`).
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{flag} {str(out)!r} exists and is not a folder; choose another path")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise OutputExistsError(
+            f"{flag} {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
+        )
 
 
 def prepare_out_dir(out: Path, force: bool) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from adm_export import __version__
+from adm_export.version import __version__
 from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
 from adm_export.errors import AdmExportError
 
@@ -50,18 +50,25 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def handle_errors(func):
-    """Turn user errors into one line and exit code 1 (bugs keep their traceback)."""
+    """Turn user errors and interruptions into one line and their exit code (bugs keep their traceback).
+
+    The mapping is the stage runner's (:func:`adm_export.stages.runner.exit_code`): 1 for a user
+    error, 130 / 143 for SIGINT / SIGTERM.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from adm_export.stages.runner import Interrupted
+
         try:
             return func(*args, **kwargs)
-        except AdmExportError as exc:
+        except (AdmExportError, Interrupted, KeyboardInterrupt) as exc:
             from adm_export.distributed import is_main
+            from adm_export.stages.runner import error_line, exit_code
 
             if is_main():  # under torchrun every rank hits the same error: one line, not N
-                click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+                click.echo(f"error: {error_line(exc)}", err=True)
+            sys.exit(exit_code(exc))
 
     return wrapper
 
@@ -295,8 +302,8 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
           select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase, max_drift,
           embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
-    from adm_export.build import build as run_build
     from adm_export.config import BuildConfig, EngineConfig, ExportConfig, QuantizeConfig
+    from adm_export.stages import api
 
     cfg = BuildConfig(
         out=out,
@@ -316,7 +323,7 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
         force=force,
     )
     # Refuse a bad output folder and validate every config before any stage starts.
-    report = run_build(cfg)
+    report = api.build(cfg).report
     _summary(report)
     click.echo(f"report: {out / 'report.md'}")
     if report["eval"]["gate"]["passed"] is False:
@@ -334,14 +341,12 @@ def build(model, out, force, precision, size_budget, engine, run_eval, policy, t
 def calibrate(model, out, force, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale, seed,
               device):
     """Run the sampler on the prompt set and write the calibration cache."""
-    from adm_export.calibration.latents import calibrate as run
+    from adm_export.stages import api
 
     cfg = _calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale,
                               seed, device)
-    manifest = run(cfg, out, force=force)
-    sel = manifest["selection"]
-    click.echo(f"calibration cache: {sel['points']} points ({sel['method']}) from "
-               f"{len(manifest['prompts']['prompts'])} prompts -> {out}")
+    result = api.calibrate(cfg, out, force=force)
+    click.echo(f"calibration cache: {result.points} points ({result.method}) from {result.prompts} prompts -> {out}")
 
 
 @cli.command()
@@ -360,24 +365,15 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
              sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
     from adm_export.config import QuantizeConfig
-    from adm_export.quantize.stage import quantize as run
+    from adm_export.stages import api
 
     cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
                          target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,
                          sensitivity_points=sensitivity_points, sensitivity_granularity=sensitivity_granularity,
                          trajectory_check=trajectory_check, sensitivity_frames=sensitivity_frames)
-    from adm_export import distributed
-
-    # Every rank runs the stage (the sensitivity search is split over ranks); rank 0 writes `out`.
-    if not force:
-        from adm_export.artifacts import prepare_out_dir
-
-        prepare_out_dir(out, False)  # a non-empty folder is refused before the work, on every rank
-    with distributed.shard_area(out), distributed.main_output(out) as rank_out:
-        manifest = run(cfg, calibration, rank_out, force=force, model_id=model)
-    err = manifest["quant_error_rel_l2"]
-    click.echo(f"quantized ({precision}): {manifest['quantizers']['weight']} layers; error vs full precision "
-               f"mean {err['mean']:.2e}, max {err['max']:.2e} -> {out}")
+    result = api.quantize_model(cfg, calibration, out, force=force, model=model)
+    click.echo(f"quantized ({precision}): {result.quantized_layers} layers; error vs full precision "
+               f"mean {result.error_mean:.2e}, max {result.error_max:.2e} -> {out}")
 
 
 @cli.command("export")
@@ -394,11 +390,11 @@ def quantize(model, calibration, out, force, precision, size_budget, device, pol
 def export_cmd(quantized, calibration, out, force, opset, placement, parity_points):
     """Export the quantized denoiser to ONNX (Q/DQ, INT8 weights) and check parity in ONNX Runtime."""
     from adm_export.config import ExportConfig
-    from adm_export.export.onnx import export_onnx
+    from adm_export.stages import api
 
-    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points), quantized, out,
-                           calibration, force=force)
-    s, p = manifest["sizes"], manifest["parity"]
+    result = api.export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points), quantized,
+                             calibration, out, force=force)
+    s, p = result.manifest["sizes"], result.manifest["parity"]
     click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
                f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "
                f"{p['quant_error_mean']:.2e}) {'ok' if p['passed'] else 'FAILED'} -> {out}")
@@ -416,12 +412,13 @@ def export_cmd(quantized, calibration, out, force, opset, placement, parity_poin
 @handle_errors
 def export_baseline(model, out, force, dtype, opset, device):
     """Export the unquantized denoiser (FP16 or FP32) to ONNX: the baseline engine to serve and race."""
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.stages import api
 
     cfg = FullPrecisionExportConfig(model=model, fp16=dtype == "fp16", opset=opset, device=device)
-    manifest = export_full_precision(cfg, out, force=force)
-    p = manifest["parity"]
-    click.echo(f"unet.onnx ({dtype}): {manifest['sizes']['unet_export_bytes'] / 1e6:.2f} MB; parity "
+    result = api.export_baseline(cfg, out, force=force)
+    p = result.manifest["parity"]
+    click.echo(f"unet.onnx ({dtype}): {result.export_bytes / 1e6:.2f} MB; parity "
                f"{p['onnx_vs_torch_max']:.2e} (tolerance {p['tolerance']:.2e}) {'ok' if p['passed'] else 'FAILED'} "
                f"-> {out}")
 
@@ -438,10 +435,10 @@ def export_baseline(model, out, force, dtype, opset, device):
 def engine(onnx_dir, out, force, backend, device, threads):
     """Build engines: ONNX Runtime always, TensorRT / TensorRT-RTX when asked or installed."""
     from adm_export.config import EngineConfig
-    from adm_export.engines.stage import build_engines
+    from adm_export.stages import api
 
-    manifest = build_engines(EngineConfig(backend=backend, device=device, threads=threads), onnx_dir, out, force=force)
-    for name, e in manifest["report"]["engines"].items():
+    result = api.build_engines(EngineConfig(backend=backend, device=device, threads=threads), onnx_dir, out, force=force)
+    for name, e in result.engines.items():
         if e.get("built", True):
             click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
         else:
@@ -466,12 +463,12 @@ def engine(onnx_dir, out, force, backend, device, threads):
 def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, eval_steps, eval_seconds,
              max_fd_increase, max_drift, embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
     """Same prompts and seeds through the full-precision pipeline and the engine; FD and the quality gate."""
-    from adm_export.eval.harness import evaluate
+    from adm_export.stages import api
 
     cfg = _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
                        device, seed, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
                        max_drift=max_drift, captions=captions)
-    result = evaluate(cfg, engine_dir, out, force=force, model_id=model)
+    result = api.evaluate(cfg, engine_dir, out, force=force, model=model).result
     gate = result["gate"]
     if result["fd_quantized_vs_baseline"] is not None:
         click.echo(f"FD(engine, baseline) {result['fd_quantized_vs_baseline']:.4g}; FD increase "
@@ -510,14 +507,15 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device,
              batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc):
     """Generate WAV files with the pipeline, its denoiser served by the engine."""
-    from adm_export.serve import GenerateConfig, generate as run
+    from adm_export.stages import api
+    from adm_export.stages.generate import GenerateConfig
 
     cfg = GenerateConfig(model=model, engine_dir=str(engine_dir) if engine_dir else None, prompts=tuple(prompts),
                          prompts_file=prompts_file, audio_seconds=seconds, steps=steps,
                          guidance_scale=guidance_scale, seed=seed, device=device, batch_size=batch_size, plot=plot,
                          threads=threads, ort_provider=ort_provider, io_binding=io_binding, cuda_graph=cuda_graph,
                          prefer_nhwc=prefer_nhwc)
-    files = run(cfg, out, force=force)
+    files = api.generate(cfg, out, force=force).files
     click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
 
 
@@ -532,9 +530,10 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
 @handle_errors
 def bundle_cmd(build_dir, out, force, model, max_seconds):
     """Bundle a build for the torch-free runtime: engine, text encoder(s), VAE decoder, vocoder as ONNX."""
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export.config import BundleConfig
+    from adm_export.stages import api
 
-    result = bundle(BundleConfig(build_dir=str(build_dir), out=str(out), force=force, model=model,
+    result = api.bundle(BundleConfig(build_dir=str(build_dir), out=str(out), force=force, model=model,
                                  max_seconds=max_seconds))
     worst = max(max(p["rel_l2"]) for p in result.parity.values())
     click.echo(f"{len(result.files)} files, {sum(result.files.values()) / 1e6:.1f} MB; components vs torch: "

@@ -144,7 +144,8 @@ class Race:
     def prepare(self):
         import torch
 
-        from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+        from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
 
         args = self.args
         prep = self.results.setdefault("prepare", {})

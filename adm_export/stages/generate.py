@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_json
-from adm_export.config import DEFAULT_MODEL, to_dict
+from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, check_device, check_finite, to_dict
 from adm_export.errors import ArtifactNotFoundError, InvalidInputError
 from adm_export.progress import progress
 
@@ -57,7 +57,7 @@ class GenerateConfig:
     engine_dir: str | None = None
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     steps: int = 10
     guidance_scale: float = 2.5
     seed: int = 0
@@ -71,6 +71,7 @@ class GenerateConfig:
     prefer_nhwc: bool = False
 
     def __post_init__(self):
+        check_finite(self, {"audio_seconds": "--seconds", "guidance_scale": "--guidance-scale"})
         if self.audio_seconds <= 0:
             raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
         for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
@@ -78,8 +79,7 @@ class GenerateConfig:
                 raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
         if self.guidance_scale < 0:
             raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
-        if self.device not in ("cpu", "cuda"):
-            raise InvalidInputError(f"invalid --device {self.device!r}: choose cpu or cuda")
+        check_device(self.device)
         if self.ort_provider not in ("auto", "cpu", "cuda", "tensorrt"):
             raise InvalidInputError(
                 f"invalid --ort-provider {self.ort_provider!r}: choose auto, cpu, cuda or tensorrt"
@@ -165,7 +165,8 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
 
     Args:
         cfg: Generation settings.
-        out: Output folder (refused if non-empty unless ``force``).
+        out: Output folder (refused if non-empty unless ``force``; the stage runner checks and locks
+            it first, :func:`adm_export.stages.api.generate`).
         force: Overwrite ``out``.
         adapter: An already loaded model adapter; loaded from ``cfg.model`` otherwise.
 
@@ -181,12 +182,6 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     # 1. Validate everything that needs no model before loading one.
     prompts = cfg.all_prompts()
     options = cfg.ort_options()
-    if Path(out).exists() and any(Path(out).iterdir()) and not force:
-        from adm_export.errors import OutputExistsError
-
-        raise OutputExistsError(
-            f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
-        )
     # 2. The pipeline (--model, else the engine's model, else the default), its denoiser served by the engine.
     model_id = cfg.model
     if model_id is None and cfg.engine_dir:
@@ -197,6 +192,12 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     ctx = contextlib.nullcontext()
     engine_info = None
     if cfg.engine_dir:
+        from adm_export.engines.memory import check_attention_memory
+
+        # A length whose attention cannot fit is refused before the engine is loaded.
+        rows = min(cfg.batch_size, len(prompts)) * (2 if cfg.guidance_scale > 1 else 1)
+        check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds), rows, cfg.device, "--seconds",
+                               "--batch-size")
         denoiser, manifest = load_ort_denoiser(cfg.engine_dir, adapter, cfg.device, cfg.threads, options=options)
         ctx = adapter.using_denoiser(denoiser)
         engine_info = {"dir": str(cfg.engine_dir), "precision": manifest.get("precision"),
