@@ -60,6 +60,7 @@ _MODULE_OF = {name: module for module, names in _import_structure.items() for na
 __all__ = ["__version__", *_MODULE_OF]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve lazily
+    # ruff: noqa: F401 (re-exported through __all__, which is built from _import_structure)
     from adm_export.config import (BuildConfig, BundleConfig, CalibrationConfig, EngineBackend, EngineConfig,
                                    EvalConfig, ExportConfig, FullPrecisionExportConfig, Placement, Precision,
                                    QuantizeConfig, SelectMethod)

@@ -67,6 +67,35 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: str | os.PathLike, flag: str, what: str, error: type[Exception] = ManifestMismatchError,
+              kind: type = dict) -> Any:
+    """Read a JSON file a user pointed at; every way it can be unreadable is one line.
+
+    Args:
+        path: The file.
+        flag: The option (or argument) naming it, for the message.
+        what: What the file is (``manifest.json``, ``the baseline report``), for the message.
+        error: The error raised for a file that exists but cannot be used.
+        kind: The JSON type the top level must have.
+
+    Raises:
+        ArtifactNotFoundError: The file does not exist.
+        error: It cannot be read, is not valid JSON, or its top level is not ``kind``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactNotFoundError(f"{flag} {str(path)!r}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise error(f"{flag} {str(path)!r}: {what} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise error(f"{flag} {str(path)!r}: cannot read {what} ({exc.strerror or exc})") from None
+    if not isinstance(data, kind):
+        raise error(f"{flag} {str(path)!r}: {what} is not a JSON {'object' if kind is dict else kind.__name__}")
+    return data
+
+
 def write_manifest(folder: Path, stage: str, model: dict, config: Any, inputs: dict | None = None,
                    extra: dict | None = None) -> dict:
     """Write ``folder/manifest.json`` describing a finished stage.
@@ -129,13 +158,9 @@ def read_manifest(folder: str | os.PathLike, stage: str, flag: str, verify_hashe
             f"run the {stage} stage first or point {flag} at its output folder"
         )
     try:
-        manifest = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-        raise ManifestMismatchError(
-            f"{flag} {str(folder)!r}: {MANIFEST} is not valid JSON ({exc}); re-run the {stage} stage"
-        ) from None
-    if not isinstance(manifest, dict):
-        raise ManifestMismatchError(f"{flag} {str(folder)!r}: {MANIFEST} is not a manifest; re-run the {stage} stage")
+        manifest = read_json(path, flag, MANIFEST)
+    except ManifestMismatchError as exc:
+        raise ManifestMismatchError(f"{exc}; re-run the {stage} stage") from None
     if manifest.get("stage") != stage:
         raise ManifestMismatchError(
             f"{flag} {str(folder)!r} holds a {manifest.get('stage')!r} artifact, expected {stage!r}"

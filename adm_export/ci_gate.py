@@ -26,7 +26,6 @@ failed gate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -116,17 +115,9 @@ class GateResult:
 
 # -- reading builds and baselines ------------------------------------------------------------------
 def _read_json(path: Path, what: str, flag: str) -> dict:
-    try:
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"{flag} {str(path)!r}: {what} not found")
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{flag} {str(path)!r}: {what} is not valid JSON ({exc})") from None
-    except PermissionError as exc:
-        raise InvalidInputError(f"{flag} {str(path)!r}: cannot read {what} ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{flag} {str(path)!r}: {what} is not a JSON object")
-    return data
+    from adm_export.artifacts import read_json
+
+    return read_json(path, flag, what, error=InvalidInputError)
 
 
 def build_settings(build_dir: str | Path) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,22 @@ logger = logging.getLogger("adm_export")
 
 EXIT_GATE_FAILED = 2
 _ARGV: list[str] = []  # the arguments of this invocation (AdmGroup.main), for --nproc's relaunch
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and infinity (click's FLOAT accepts both; NaN passes every
+    range check after it)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+FINITE = FiniteFloat()
 
 
 def _choices(enum_cls) -> click.Choice:
@@ -165,8 +182,8 @@ def calibration_options(f):
         click.option("--select", type=_choices(SelectMethod), default=SelectMethod.ACTIVATION.value, show_default=True,
                      help="How calibration points are chosen (activation: activation-aware, from per-layer "
                           "activation statistics of every step and prompt)."),
-        click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Audio length of calibration runs."),
-        click.option("--guidance-scale", type=float, default=2.5, show_default=True),
+        click.option("--seconds", type=FINITE, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Audio length of calibration runs."),
+        click.option("--guidance-scale", type=FINITE, default=2.5, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
     ]
@@ -215,10 +232,10 @@ def eval_options(f):
     opts = [
         click.option("--num-clips", type=int, default=8, show_default=True, help="Clips per run (baseline, engine)."),
         click.option("--eval-steps", type=int, default=10, show_default=True, help="Sampler steps per clip."),
-        click.option("--eval-seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Clip length."),
-        click.option("--max-fd-increase", type=float, default=50.0, show_default=True,
+        click.option("--eval-seconds", type=FINITE, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Clip length."),
+        click.option("--max-fd-increase", type=FINITE, default=50.0, show_default=True,
                      help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
-        click.option("--max-drift", type=float, default=25.0, show_default=True,
+        click.option("--max-drift", type=FINITE, default=25.0, show_default=True,
                      help="Quality gate: fail (exit 2) when the paired drift (engine clip vs its own baseline "
                           "clip, % of the set's spread) exceeds this percentage."),
         click.option("--embedder", default=None,
@@ -288,7 +305,7 @@ def _summary(report: dict) -> None:
               show_default=True, help="Output folder.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
 @click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
-@click.option("--size-budget", type=float, default=None, help="For --precision mixed: fraction of the FP32 size.")
+@click.option("--size-budget", type=FINITE, default=None, help="For --precision mixed: fraction of the FP32 size.")
 @click.option("--engine", "engine", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value,
               show_default=True, help="Engine to build (ONNX Runtime is always built unless 'none').")
 @click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Evaluate against the baseline.")
@@ -356,7 +373,7 @@ def calibrate(model, out, force, captions, num_prompts, augment, steps, points, 
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--force", is_flag=True)
 @click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
-@click.option("--size-budget", type=float, default=None)
+@click.option("--size-budget", type=FINITE, default=None)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @quant_options
 @handle_errors
@@ -487,9 +504,9 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 @click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeatable).")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
               help="File with one prompt per line.")
-@click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True)
+@click.option("--seconds", type=FINITE, default=DEFAULT_AUDIO_SECONDS, show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True)
-@click.option("--guidance-scale", type=float, default=2.5, show_default=True)
+@click.option("--guidance-scale", type=FINITE, default=2.5, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--force", is_flag=True)
@@ -525,7 +542,7 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
               help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
 @click.option("--model", default=None, help="Model to load (default: the engine's; must be the same weights).")
-@click.option("--max-seconds", type=float, default=30.0, show_default=True,
+@click.option("--max-seconds", type=FINITE, default=30.0, show_default=True,
               help="Longest clip the runtime accepts by default.")
 @handle_errors
 def bundle_cmd(build_dir, out, force, model, max_seconds):
@@ -554,13 +571,13 @@ def inspect(folder):
 @click.argument("build_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--baseline", "-b", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Committed baseline report (from --write-baseline or ci-gate.sh --update-baseline).")
-@click.option("--fd-tolerance", type=float, default=10.0, show_default=True,
+@click.option("--fd-tolerance", type=FINITE, default=10.0, show_default=True,
               help="Allowed rise of the FD increase over the baseline's, in percentage points.")
-@click.option("--size-tolerance", type=float, default=1.0, show_default=True,
+@click.option("--size-tolerance", type=FINITE, default=1.0, show_default=True,
               help="Allowed growth of the exported U-Net, in percent.")
-@click.option("--layer-tolerance", type=float, default=5.0, show_default=True,
+@click.option("--layer-tolerance", type=FINITE, default=5.0, show_default=True,
               help="Allowed drop of quantized compute layers, in percent.")
-@click.option("--drift-tolerance", type=float, default=5.0, show_default=True,
+@click.option("--drift-tolerance", type=FINITE, default=5.0, show_default=True,
               help="Allowed rise of the paired drift over the baseline's, in percentage points.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the diff table as Markdown to this file.")

@@ -145,7 +145,7 @@ class Race:
         import torch
 
         from adm_export.config import FullPrecisionExportConfig
-    from adm_export.export.fp16 import export_full_precision
+        from adm_export.export.fp16 import export_full_precision
 
         args = self.args
         prep = self.results.setdefault("prepare", {})

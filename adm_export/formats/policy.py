@@ -242,11 +242,11 @@ def policy_from_dict(data: dict, where: str = "--policy") -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Read a policy JSON file (``--policy FILE``)."""
     path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"--policy {str(path)!r}: file not found")
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidInputError(f"--policy {str(path)!r}: file not found") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidInputError(f"--policy {str(path)!r}: not valid JSON ({exc})") from None
     return policy_from_dict(data, f"--policy {path.name}")
 

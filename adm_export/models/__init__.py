@@ -123,7 +123,10 @@ def _load_pretrained(model_id: str, revision: str | None):
                 f"--model {model_id!r} is a local path but not a diffusers pipeline folder (no "
                 f"model_index.json); save one with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
             )
-        class_name = json.loads(index.read_text()).get("_class_name")
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name")
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelNotFoundError(f"--model {model_id!r}: model_index.json is not a pipeline index ({exc})") from None
     else:
         class_name = None
     if class_name is not None and class_name not in _PIPELINE_FAMILIES:
