@@ -166,7 +166,8 @@ def nproc_option(f):
 def model_option(default=DEFAULT_MODEL):
     return click.option("--model", "-m", default=default, show_default=bool(default),
                         help="Embedded name (reference-audioldm: trained here; tiny-audioldm, tiny-audioldm2, "
-                             "tiny-tango, tiny-make-an-audio: random weights), local diffusers folder, or hub id.")
+                             "tiny-tango, tiny-make-an-audio: random weights), local diffusers folder, TANGO or "
+                             "Make-An-Audio folder in its published layout (README), or hub id.")
 
 
 def calibration_options(f):

@@ -116,15 +116,17 @@ def build_family(name: str):
             latent_frames_per_second=25.0, frame_multiple=8)
         return unet, SizeAdapter(spec, _Export.make), "declare-lab/tango diffusion_model_config.json"
     if name == "make-an-audio":
-        from adm_export.models.make_an_audio import MAKE_AN_AUDIO_UNET_CONFIG, _export_module, _modules
+        from adm_export.models.make_an_audio.config import MAKE_AN_AUDIO_UNET_CONFIG
+        from adm_export.models.make_an_audio.pipeline import MakeAnAudioDenoiser
+        from adm_export.models.make_an_audio.unet import UNetModel
 
-        unet = _on_meta(lambda: _modules().UNetModel(**MAKE_AN_AUDIO_UNET_CONFIG))
+        unet = _on_meta(lambda: UNetModel(**MAKE_AN_AUDIO_UNET_CONFIG))
         spec = TextCondSpec(
             inputs=(TensorSpec("sample", ("batch", 4, 10, "frames")), TensorSpec("timestep", ("batch",)),
                     TensorSpec("context", ("batch", 77, 1024))),
             outputs=(TensorSpec("noise_pred", ("batch", 4, 10, "frames")),),
             latent_frames_per_second=7.8125, frame_multiple=4)
-        return unet, SizeAdapter(spec, _export_module), "Make-An-Audio txt2audio_args.yaml unet_config"
+        return unet, SizeAdapter(spec, MakeAnAudioDenoiser), "Make-An-Audio txt2audio_args.yaml unet_config"
     raise SystemExit(f"unknown family {name!r}; choose from {', '.join(FAMILIES)}")
 
 

@@ -25,6 +25,8 @@ _ADAPTERS = {
 # family -> (module, detector(path) -> bool, loader(path) -> pipeline)
 _FOLDER_FORMATS = {
     "tango": ("adm_export.models.tango", "is_tango_folder", "load_tango_folder"),
+    "make_an_audio": ("adm_export.models.make_an_audio.checkpoint", "is_make_an_audio_folder",
+                      "load_make_an_audio_folder"),
 }
 
 
@@ -121,7 +123,8 @@ def _load_pretrained(model_id: str, revision: str | None):
         if not index.is_file():
             raise ModelNotFoundError(
                 f"--model {model_id!r} is a local path but not a diffusers pipeline folder (no "
-                f"model_index.json); save one with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
+                f"model_index.json) nor a TANGO or Make-An-Audio folder in its published layout (README); save one "
+                f"with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
             )
         try:
             class_name = json.loads(index.read_text()).get("_class_name")
@@ -159,6 +162,7 @@ def _load_pretrained(model_id: str, revision: str | None):
         dlogging.set_verbosity(verbosity)
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
+    _own_aligned_memory(pipeline)
     family = _PIPELINE_FAMILIES.get(type(pipeline).__name__)
     if family is None:
         raise ModelNotFoundError(
@@ -166,6 +170,24 @@ def _load_pretrained(model_id: str, revision: str | None):
             f"supported pipelines: {', '.join(_PIPELINE_FAMILIES)}"
         )
     return family, pipeline
+
+
+def _own_aligned_memory(pipeline) -> None:
+    """Copy every weight of a loaded pipeline into memory of its own.
+
+    transformers 5 hands out tensors that view the memory-mapped safetensors file at arbitrary
+    offsets (seen: 40 bytes past a 64-byte boundary); MKL then takes its unaligned GEMM path, which
+    sums in another order, so a model loaded from a folder gave outputs 3e-8 away from the same
+    weights built in memory. A fresh allocation is aligned: the same weights give the same bits.
+    """
+    import torch
+
+    for component in pipeline.components.values():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for tensor in (*component.parameters(), *component.buffers()):
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
 
 
 __all__ = ["DenoiserSpec", "ModelAdapter", "TensorSpec", "embedded_names", "load_model", "model_defaults"]

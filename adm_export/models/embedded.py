@@ -445,59 +445,11 @@ def tango_unet_config() -> dict:
 EMBEDDED["tiny-tango"] = ("tango", build_tiny_tango)
 
 
-# tiny-make-an-audio's VAE in the LDM config format (the loader's input), Make-An-Audio's layout
-# (4 levels, attention at the two coarsest, 4 latent channels) at width 32.
-TINY_MAKE_AN_AUDIO_VAE_DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 624, "in_channels": 1, "out_ch": 1, "ch": 32,
-    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [78, 156], "dropout": 0.0,
-}
+def _build_tiny_make_an_audio(seed: int = 0):
+    """``tiny-make-an-audio``: :func:`adm_export.models.make_an_audio.tiny.build_tiny_make_an_audio`."""
+    from adm_export.models.make_an_audio.tiny import build_tiny_make_an_audio
+
+    return build_tiny_make_an_audio(seed)
 
 
-def tiny_make_an_audio_unet_config() -> dict:
-    """U-Net config of ``tiny-make-an-audio``: Make-An-Audio's layout (2 levels, transformers at both,
-    GEGLU feed-forward, CLAP context) at 32 model channels, 1 ResBlock per level, 2 heads."""
-    return {
-        "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1, 2],
-        "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "transformer_depth": 1, "context_dim": 32,
-    }
-
-
-def build_tiny_make_an_audio(seed: int = 0):
-    """Build the ``tiny-make-an-audio`` pipeline with seeded random weights.
-
-    Make-An-Audio's U-Net (this package's implementation, public parameter names), its LDM VAE
-    layout (through the same LDM -> diffusers mapping as a real checkpoint), a BERT+projection CLAP
-    text tower (local character tokenizer, 77 tokens, no mask), DDIM on the LDM schedule. The
-    vocoder is a HiFi-GAN with BigVGAN's audio format (80 mels, hop 256, 16 kHz) standing in for
-    Make-An-Audio's BigVGAN, which is not implemented here.
-
-    Returns:
-        A :class:`adm_export.models.make_an_audio.MakeAnAudioPipeline` in float32 on the CPU.
-    """
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import BertConfig
-
-    from adm_export.models import make_an_audio as maa
-    from adm_export.models.conditioning import build_char_bert_tokenizer
-    from adm_export.models.ldm_vae import vae_config_from_ldm
-
-    tokenizer = build_char_bert_tokenizer(model_max_length=maa.TEXT_LEN)
-    mods = maa._modules()
-    torch.manual_seed(seed)
-    unet = mods.UNetModel(**tiny_make_an_audio_unet_config())
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**vae_config_from_ldm(TINY_MAKE_AN_AUDIO_VAE_DDCONFIG, 4, 1.0))
-    torch.manual_seed(seed + 2)
-    text_encoder = mods.ClapTextEncoder(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                                   num_attention_heads=2, intermediate_size=64,
-                                                   max_position_embeddings=maa.TEXT_LEN + 3), 32)
-    vocoder = _tiny_hifigan(seed + 3, mel_bins=maa.MEL_BINS, upsample_rates=(4, 4, 4, 4), kernels=(8, 8, 8, 8))
-    for module in (unet, vae, text_encoder, vocoder):
-        module.eval()
-    with _quiet_diffusers():
-        return maa._pipeline_class()(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                     scheduler=DDIMScheduler(**maa.MAKE_AN_AUDIO_SCHEDULER_CONFIG), vocoder=vocoder)
-
-
-EMBEDDED["tiny-make-an-audio"] = ("make_an_audio", build_tiny_make_an_audio)
+EMBEDDED["tiny-make-an-audio"] = ("make_an_audio", _build_tiny_make_an_audio)

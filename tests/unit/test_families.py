@@ -269,10 +269,11 @@ def test_tango_folder_with_a_wrong_tensor_is_refused(tmp_path):
 
 def test_make_an_audio_unet_has_the_published_parameter_names():
     """Names and shapes of the published U-Net (320 channels, mult 1-2, context 1024), on the meta device."""
-    from adm_export.models.make_an_audio import MAKE_AN_AUDIO_UNET_CONFIG, _modules
+    from adm_export.models.make_an_audio import MAKE_AN_AUDIO_UNET_CONFIG
+    from adm_export.models.make_an_audio.unet import UNetModel
 
     with torch.device("meta"):
-        unet = _modules().UNetModel(**MAKE_AN_AUDIO_UNET_CONFIG)
+        unet = UNetModel(**MAKE_AN_AUDIO_UNET_CONFIG)
     shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
     expected = {
         "time_embed.0.weight": (1280, 320),
@@ -313,10 +314,10 @@ def test_make_an_audio_unet_has_the_published_parameter_names():
 
 
 def test_make_an_audio_checkpoint_with_public_names_loads_back(tmp_path):
-    from adm_export.models.embedded import (
+    from adm_export.models.make_an_audio.tiny import (
         TINY_MAKE_AN_AUDIO_VAE_DDCONFIG,
         build_tiny_make_an_audio,
-        tiny_make_an_audio_unet_config,
+        tiny_make_an_audio_config,
     )
     from adm_export.models.make_an_audio import (
         MakeAnAudioAdapter,
@@ -334,8 +335,7 @@ def test_make_an_audio_checkpoint_with_public_names_loads_back(tmp_path):
     torch.save({"state_dict": state, "epoch": 1}, tmp_path / "maa.ckpt")
     loaded = load_make_an_audio_checkpoint(
         tmp_path / "maa.ckpt", vocoder=pipe.vocoder, tokenizer=pipe.tokenizer,
-        unet_config=tiny_make_an_audio_unet_config(), bert_config=pipe.text_encoder.base.config,
-        vae_ddconfig=TINY_MAKE_AN_AUDIO_VAE_DDCONFIG)
+        config=tiny_make_an_audio_config(), bert_config=pipe.text_encoder.base.config)
     for name in ("unet", "vae", "text_encoder"):
         ours, theirs = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert ours.keys() == theirs.keys(), name
@@ -349,5 +349,7 @@ def test_make_an_audio_loader_without_vocoder_says_what_is_missing(tmp_path):
     from adm_export.errors import ModelNotFoundError
     from adm_export.models.make_an_audio import load_make_an_audio_checkpoint
 
-    with pytest.raises(ModelNotFoundError, match="BigVGAN"):
+    with pytest.raises(ModelNotFoundError, match="BigVGAN") as info:
         load_make_an_audio_checkpoint(tmp_path / "missing.ckpt")
+    message = str(info.value)
+    assert "vocoder_dir=" in message and "\n" not in message
