@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from adm_export.version import __version__
-from adm_export.errors import ArtifactNotFoundError, ManifestMismatchError, OutputExistsError
+from adm_export.errors import ArtifactNotFoundError, InvalidInputError, ManifestMismatchError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,44 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; renamed over ``path`` only if the block succeeds.
+
+    The one way this package writes a single file that readers must never see half-written
+    (JSON, reports, figures, engine plans, timing caches, shards): a failure or an interruption
+    removes the temporary file and leaves any previous ``path`` untouched.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make artifacts private to their writer
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically (:func:`atomic_file`), flushed to disk before the rename."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (:func:`atomic_file`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def read_json(path: str | os.PathLike, flag: str, what: str, error: type[Exception] = ManifestMismatchError,
@@ -225,6 +257,24 @@ def prepare_out_dir(out: Path, force: bool) -> None:
                 f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
             )
         shutil.rmtree(out)
+
+
+def check_file_out(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an output *file* that cannot be written, before any work (its folder is created).
+
+    Raises:
+        InvalidInputError: ``path`` is a folder, or no file can be created beside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {str(path)!r} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"{flag} {str(path)!r} cannot be written: {exc.strerror or exc}; choose a writable "
+                                f"path") from None
 
 
 @contextlib.contextmanager

@@ -135,17 +135,17 @@ def build_settings(build_dir: str | Path) -> dict:
     except PermissionError as exc:
         # Stage folders are created private (mkdtemp, mode 0700): a gate run as another user
         # than the build cannot read them.
-        raise InvalidInputError(f"build folder {str(build_dir)!r}: cannot read {exc.filename!r} "
+        raise InvalidInputError(f"BUILD_DIR {str(build_dir)!r}: cannot read {exc.filename!r} "
                                 f"({exc.strerror}); run the gate as the user that made the build") from None
 
 
 def _build_settings(build_dir: Path) -> dict:
-    report = _read_json(build_dir / REPORT, "build report (report.json)", "build folder")
+    report = _read_json(build_dir / REPORT, "build report (report.json)", "BUILD_DIR")
     ev_path = build_dir / "eval" / "eval.json"
-    ev = _read_json(ev_path, "evaluation (eval/eval.json)", "build folder") if ev_path.exists() else {}
+    ev = _read_json(ev_path, "evaluation (eval/eval.json)", "BUILD_DIR") if ev_path.exists() else {}
     ev_cfg = ev.get("config") or {}
     calib_path = build_dir / "calibration" / "manifest.json"
-    calib = (_read_json(calib_path, "calibration manifest", "build folder").get("config")
+    calib = (_read_json(calib_path, "calibration manifest", "BUILD_DIR").get("config")
              if calib_path.exists() else None)
     rep_eval = report.get("eval") or {}
     reference = rep_eval.get("reference") or ev.get("reference") or {}
@@ -173,11 +173,11 @@ def load_build(build_dir: str | Path) -> tuple[dict, dict]:
     """Read a build folder's report and settings; refuse a build without evaluation."""
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
-        raise ArtifactNotFoundError(f"build folder {str(build_dir)!r} does not exist; run adm-export build first")
-    report = _read_json(build_dir / REPORT, "build report (report.json)", "build folder")
+        raise ArtifactNotFoundError(f"BUILD_DIR {str(build_dir)!r} does not exist; run adm-export build first")
+    report = _read_json(build_dir / REPORT, "build report (report.json)", "BUILD_DIR")
     if (report.get("eval") or {}).get("fd_increase_pct") is None:
         raise InvalidInputError(
-            f"build folder {str(build_dir)!r} was built without evaluation; the gate needs it "
+            f"BUILD_DIR {str(build_dir)!r} was built without evaluation; the gate needs it "
             f"(drop --no-eval and --engine none from the build arguments)"
         )
     return report, build_settings(build_dir)

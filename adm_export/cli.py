@@ -593,7 +593,7 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
             write_baseline, build_args, show_build_args):
     """CI quality gate: compare a build folder with a baseline report (exit 0 ok, 2 regression, 1 error)."""
     from adm_export import ci_gate
-    from adm_export.artifacts import write_json
+    from adm_export.artifacts import check_file_out, write_json, write_text
     from adm_export.errors import InvalidInputError
 
     if show_build_args:
@@ -601,8 +601,11 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
         return
     if build_dir is None:
         raise InvalidInputError("missing BUILD_DIR: give the output folder of adm-export build")
+    for path, flag in ((summary, "--summary"), (json_out, "--json-out"), (baseline if write_baseline else None,
+                                                                          "--baseline")):
+        if path is not None:
+            check_file_out(path, flag)  # before the comparison is printed: one line, not a table and a traceback
     if write_baseline:
-        baseline.parent.mkdir(parents=True, exist_ok=True)
         write_json(baseline, ci_gate.make_baseline(build_dir, build_args))
         click.echo(f"baseline written: {baseline}")
         return
@@ -613,7 +616,7 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
     result = ci_gate.compare(report, settings, base, tol, baseline_path=baseline)
     click.echo(ci_gate.format_table(result))
     if summary is not None:
-        summary.write_text(ci_gate.format_markdown(result))
+        write_text(summary, ci_gate.format_markdown(result))
     if json_out is not None:
         write_json(json_out, {**result.to_dict(), "baseline": str(baseline), "build": str(build_dir)})
     if not result.passed:
