@@ -246,19 +246,6 @@ def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> None:
         )
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty output folder unless ``force`` (then its content is removed)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {str(out)!r} exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(
-                f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
-            )
-        shutil.rmtree(out)
-
-
 def check_file_out(path: str | os.PathLike, flag: str) -> None:
     """Refuse an output *file* that cannot be written, before any work (its folder is created).
 

@@ -447,20 +447,33 @@ def export_baseline(model, out, force, dtype, opset, device):
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--force", is_flag=True)
 @click.option("--backend", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cpu: serve the export as it is; cuda: build the fused FP16 CUDA engine (checked on the GPU).")
 @click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores).")
+@click.option("--cuda-fusions/--no-cuda-fusions", default=True, show_default=True,
+              help="--device cuda: fuse attention, GroupNorm and NHWC convolutions (ONNX Runtime's diffusion "
+                   "optimizer); --no-cuda-fusions serves the same FP16 graph unfused.")
+@click.option("--parity-tolerance", type=FINITE, default=1e-2, show_default=True,
+              help="--device cuda: largest relative L2 of the engine to its FP32 reference.")
 @handle_errors
-def engine(onnx_dir, out, force, backend, device, threads):
+def engine(onnx_dir, out, force, backend, device, threads, cuda_fusions, parity_tolerance):
     """Build engines: ONNX Runtime always, TensorRT / TensorRT-RTX when asked or installed."""
     from adm_export.config import EngineConfig
     from adm_export.stages import api
 
-    result = api.build_engines(EngineConfig(backend=backend, device=device, threads=threads), onnx_dir, out, force=force)
+    cfg = EngineConfig(backend=backend, device=device, threads=threads, cuda_fusions=cuda_fusions,
+                       parity_tolerance=parity_tolerance)
+    result = api.build_engines(cfg, onnx_dir, out, force=force)
     for name, e in result.engines.items():
-        if e.get("built", True):
-            click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
-        else:
+        if not e.get("built", True):
             click.echo(f"{name}: not built ({e.get('reason')})")
+        elif e.get("summary"):
+            parity = e.get("parity") or {}
+            what = "served graph" if parity.get("served_graph_checked") else "CPU-runnable fusions only: no GPU here"
+            click.echo(f"{name} ({e.get('graph')}): {e['summary']}; parity {parity.get('max', float('nan')):.2e} "
+                       f"on {parity.get('device')} ({what})")
+        else:
+            click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
     click.echo(f"engines -> {out}")
 
 
@@ -517,13 +530,17 @@ def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, e
 @click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: all cores).")
 @click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
               show_default=True, help="ONNX Runtime provider (auto: CUDA with --device cuda, else CPU).")
-@click.option("--io-binding/--no-io-binding", default=True, show_default=True,
-              help="CUDA: bind GPU tensors to the engine (no host copies).")
-@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each step as a captured CUDA graph (static shapes).")
+@click.option("--io-binding/--no-io-binding", default=None,
+              help="CUDA: bind GPU tensors to the engine, no host copies (default: on).")
+@click.option("--cuda-graph/--no-cuda-graph", default=None,
+              help="CUDA: replay each step as a captured CUDA graph, one per input shape (default: on with a GPU "
+                   "provider and IO binding).")
 @click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
+@click.option("--cudnn-search", type=click.Choice(["exhaustive", "heuristic", "default"]), default="exhaustive",
+              show_default=True, help="CUDA: cuDNN convolution algorithm search (paid once per shape, at warm-up).")
 @handle_errors
 def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device,
-             batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc):
+             batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc, cudnn_search):
     """Generate WAV files with the pipeline, its denoiser served by the engine."""
     from adm_export.stages import api
     from adm_export.stages.generate import GenerateConfig
@@ -532,7 +549,7 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
                          prompts_file=prompts_file, audio_seconds=seconds, steps=steps,
                          guidance_scale=guidance_scale, seed=seed, device=device, batch_size=batch_size, plot=plot,
                          threads=threads, ort_provider=ort_provider, io_binding=io_binding, cuda_graph=cuda_graph,
-                         prefer_nhwc=prefer_nhwc)
+                         prefer_nhwc=prefer_nhwc, cudnn_search=cudnn_search)
     files = api.generate(cfg, out, force=force).files
     click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
 

@@ -244,19 +244,27 @@ class EngineConfig:
 
     Attributes:
         backend: Which engine to build.
-        device: Where the ONNX Runtime session runs (``cpu`` or ``cuda``).
+        device: Where the ONNX Runtime engine runs: ``cpu`` serves the export as it is; ``cuda``
+            builds the fused FP16 CUDA engine (``engines.onnxruntime.cuda``).
         threads: ONNX Runtime intra-op threads; 0 lets it choose.
+        cuda_fusions: ``cuda``: run ONNX Runtime's diffusion optimizer (``False``: the same FP16
+            graph unfused, a fallback when the fused engine fails its parity check).
+        parity_tolerance: ``cuda``: largest relative L2 of the served graph to its FP32 reference.
     """
 
     backend: EngineBackend = EngineBackend.ONNXRUNTIME
     device: str = "cpu"
     threads: int = 0
+    cuda_fusions: bool = True
+    parity_tolerance: float = 1e-2
 
     def __post_init__(self):
         object.__setattr__(self, "backend", parse_enum(EngineBackend, self.backend, "--engine"))
         check_device(self.device)
         if not isinstance(self.threads, int) or self.threads < 0:
             raise InvalidInputError(f"invalid --threads {self.threads!r}: must be >= 0 (0: all cores)")
+        if not 0 < self.parity_tolerance < 1:
+            raise InvalidInputError(f"invalid --parity-tolerance {self.parity_tolerance!r}: must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,10 +2,16 @@
 
 Layout of the engines folder::
 
-    onnxruntime/unet.onnx        the served model (a copy of the export)
-    onnxruntime/layers.json      which compute ops ONNX Runtime runs with integer kernels
-    tensorrt-rtx/ or tensorrt/   unet.plan + layers.json (engine.tensorrt.build_engine)
+    onnxruntime/unet.onnx        the served model: with --device cpu a copy of the export; with
+                                 --device cuda the fused FP16 CUDA engine (+ unet.onnx.data)
+    onnxruntime/layers.json      what each compute op runs in, the fused-op counts (``fusions``),
+                                 and for CUDA the parity check and latency
+    tensorrt-rtx/ or tensorrt/   unet.plan + layers.json (engine.tensorrt.build_engine), built from
+                                 the FP16-typed Q/DQ graph for a quantized export (engines.fp16_qdq)
     manifest.json
+
+:func:`served_graph` is the one place that decides whether an engines folder can be served with
+given options (``generate`` and ``eval`` call it before loading anything).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, manifest_digest, read_manifest, write_json, write_manifest
 from adm_export.config import EngineBackend, EngineConfig, to_dict
-from adm_export.errors import MissingDependencyError
+from adm_export.errors import AdmExportError, ArtifactNotFoundError, InvalidInputError, MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +91,22 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
     """Run the ``engine`` stage.
 
     Args:
-        cfg: Engine settings (``backend``: onnxruntime, tensorrt, tensorrt-rtx or none).
-        onnx_dir: Folder written by the ``export`` stage.
+        cfg: Engine settings (``backend``: onnxruntime, tensorrt, tensorrt-rtx or none; ``device``:
+            ``cuda`` builds the fused FP16 CUDA engine).
+        onnx_dir: Folder written by the ``export`` stage (or ``export-baseline``).
         out: Engines folder.
         force: Overwrite ``out``.
         adapter: An already loaded model adapter (for the spec); loaded from the manifest otherwise.
-        frames: Latent frames to time and to optimise the TensorRT profile for; default from the
-            calibration length recorded in the export.
+        frames: Latent frames to time and check parity at, and to optimise the TensorRT profile
+            for; default from the calibration length recorded in the export.
 
     Returns:
         The engines manifest.
 
     Raises:
         MissingDependencyError: ``--engine tensorrt|tensorrt-rtx`` without that package.
+        EngineParityError: The CUDA engine's output is not within tolerance of its FP32 reference.
     """
-    from adm_export.engines import tensorrt as trt_engine
     from adm_export.models import load_model
 
     onnx_manifest = read_manifest(onnx_dir, "onnx", "--onnx")
@@ -115,45 +122,14 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
             # 1. ONNX Runtime: always (it is how `generate` and `eval` serve the model).
             ort_dir = tmp / ORT_DIR
             ort_dir.mkdir()
-            shutil.copyfile(onnx_path, ort_dir / "unet.onnx")
-            precisions = ort_layer_precisions(ort_dir / "unet.onnx", cfg.device, cfg.threads)
-            write_json(ort_dir / "layers.json", precisions)
-            latency = time_ort(ort_dir / "unet.onnx", spec, frames, 2, cfg.device, cfg.threads)
-            report["engines"]["onnxruntime"] = {**precisions, "latency": latency, "device": cfg.device}
-            logger.info("onnxruntime engine: %s; %.1f ms per denoiser call (batch 2, %d frames, %s)",
-                        precisions["layer_precisions"], latency["median_ms"], frames, cfg.device)
-
+            if cfg.device == "cuda":
+                ort = _ort_cuda_engine(cfg, onnx_path, onnx_manifest, ort_dir, adapter, frames)
+            else:
+                ort = _ort_cpu_engine(cfg, onnx_path, ort_dir, spec, frames)
+            write_json(ort_dir / "layers.json", ort)
+            report["engines"]["onnxruntime"] = ort
             # 2. TensorRT / TensorRT-RTX: required when asked for, opportunistic otherwise.
-            flavor = {EngineBackend.TENSORRT: "tensorrt", EngineBackend.TENSORRT_RTX: "tensorrt-rtx"}.get(cfg.backend)
-            try:
-                trt_engine.import_nvinfer(flavor or "tensorrt-rtx")
-                available = True
-            except MissingDependencyError as exc:
-                if flavor is not None:
-                    raise
-                available = False
-                report["engines"]["tensorrt"] = {"built": False, "reason": str(exc)}
-                logger.info("no TensorRT-RTX plan: %s", exc)
-            if available:
-                profile = trt_engine.EngineProfile(1, 2, 8, spec.frame_multiple, frames, max(frames, 4 * frames))
-                trt_dir = tmp / (flavor or "tensorrt-rtx")
-                try:
-                    trt_report = trt_engine.build_engine(onnx_path, trt_dir, spec, profile,
-                                                         flavor=flavor or "tensorrt-rtx")
-                except trt_engine.EngineBuildError as exc:
-                    if flavor is not None:
-                        raise
-                    # Not asked for: a graph TensorRT-RTX cannot build (e.g. INT4 convolutions)
-                    # must not cost the user the ONNX Runtime engine; the report says why.
-                    report["engines"]["tensorrt-rtx"] = {"built": False, "reason": str(exc)}
-                    logger.warning("no TensorRT-RTX plan: %s", exc)
-                    trt_report = None
-                if trt_report is not None:
-                    # Paths inside the temporary folder mean nothing after the rename: keep names only.
-                    for key in ("plan", "layers_json"):
-                        if trt_report.get(key):
-                            trt_report[key] = f"{trt_dir.name}/{Path(trt_report[key]).name}"
-                    report["engines"][trt_dir.name] = {"built": True, **trt_report}
+            _tensorrt_engine(cfg, onnx_path, onnx_manifest, tmp, spec, frames, report)
 
         primary = report["engines"].get(cfg.backend.value) or report["engines"].get("onnxruntime") or {}
         report["layer_precisions"] = primary.get("layer_precisions", {})
@@ -165,24 +141,220 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
     return manifest
 
 
+def _ort_cpu_engine(cfg: EngineConfig, onnx_path: Path, ort_dir: Path, spec, frames: int) -> dict:
+    """``--device cpu``: serve the export as it is; count what ONNX Runtime's CPU graph runs in."""
+    shutil.copyfile(onnx_path, ort_dir / "unet.onnx")
+    precisions = ort_layer_precisions(ort_dir / "unet.onnx", cfg.device, cfg.threads)
+    latency = time_ort(ort_dir / "unet.onnx", spec, frames, 2, cfg.device, cfg.threads)
+    logger.info("onnxruntime engine: %s; %.1f ms per denoiser call (batch 2, %d frames, %s)",
+                precisions["layer_precisions"], latency["median_ms"], frames, cfg.device)
+    return {"graph": "export", **precisions, "latency": latency, "device": cfg.device}
+
+
+class EngineParityError(AdmExportError):
+    """The CUDA engine's output is not within tolerance of its FP32 reference."""
+
+
+def _ort_cuda_engine(cfg: EngineConfig, onnx_path: Path, onnx_manifest: dict, ort_dir: Path, adapter,
+                     frames: int) -> dict:
+    """``--device cuda``: the fused FP16 engine, checked against its FP32 reference (see engines.onnxruntime.cuda)."""
+    from adm_export.engines.onnxruntime import cuda as ort_cuda
+    from adm_export.engines.onnxruntime.sessions import OrtOptions, make_session
+
+    spec = adapter.denoiser_spec()
+    check = ort_cuda.CudaEngineSpec(fusions=cfg.cuda_fusions, tolerance=cfg.parity_tolerance, frames=frames)
+    full_precision = onnx_manifest.get("precision") in ("fp16", "fp32")
+    with tempfile.TemporaryDirectory(prefix="adm-cuda-engine-") as work:
+        reference_path = Path(work) / "fp32.onnx"
+        layers = ort_cuda.build_cuda_graph(onnx_path, ort_dir / ort_cuda.SERVED, cfg.cuda_fusions, reference_path)
+        logger.info("onnxruntime CUDA engine (%s): %s; built in %.1f s", layers["graph"], layers["summary"],
+                    layers["build_seconds"])
+        if ort_cuda.cuda_available():
+            if full_precision:
+                reference, label = _torch_reference(adapter), "torch FP32 denoiser"
+            else:
+                session = make_session(reference_path, options=OrtOptions(provider="cpu", threads=cfg.threads))
+                reference = _session_reference(session)
+                label = "weight-dequantized FP32 graph (quantized weights, activations unquantized), CPU provider"
+            parity = ort_cuda.check_on_cuda(ort_dir / ort_cuda.SERVED, spec, reference, OrtOptions.serving("cuda"),
+                                            check)
+            parity["reference"] = label
+            layers["latency"] = parity.pop("latency")
+        else:
+            parity = ort_cuda.check_on_cpu(reference_path, spec, check)
+            parity["reference"] = "canonical FP32 graph (dequantized weights), CPU provider"
+            layers["latency"] = {"median_ms": None, "reason": parity["reason"]}
+            logger.warning("CUDA engine built without a GPU: %s (checked instead: %s, max %.2e)", parity["reason"],
+                           parity["checked"], parity["max"])
+    layers["parity"] = parity
+    if not parity["passed"]:
+        hint = "rebuild with --no-cuda-fusions to serve the unfused FP16 graph" if cfg.cuda_fusions else \
+            "the export itself may be at fault: check its parity in onnx/manifest.json"
+        raise EngineParityError(
+            f"CUDA engine parity failed: relative L2 {parity['max']:.3g} against the {parity['reference']} exceeds "
+            f"--parity-tolerance {parity['tolerance']:.3g} ({parity['device']}); {hint}"
+        )
+    logger.info("CUDA engine parity: max relative L2 %.2e vs %s (tolerance %.1e, %s)", parity["max"],
+                parity["reference"], parity["tolerance"], parity["device"])
+    return layers
+
+
+def _torch_reference(adapter):
+    """``inputs -> numpy``: the adapter's FP32 denoiser on its own device."""
+    import torch
+
+    module = adapter.export_module(adapter.denoiser).eval()
+    device = next(adapter.denoiser.parameters()).device
+
+    def run(inputs: dict):
+        # A true FP32 reference: no TF32 in cuDNN convolutions or cuBLAS matmuls on the GPU.
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.inference_mode():
+                return module(*(v.to(device) for v in inputs.values())).float().cpu().numpy()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+    return run
+
+
+def _session_reference(session):
+    from adm_export.engines.onnxruntime.sessions import OrtRunner
+
+    runner = OrtRunner(session)
+    return lambda inputs: runner(inputs)
+
+
+def _tensorrt_engine(cfg: EngineConfig, onnx_path: Path, onnx_manifest: dict, tmp: Path, spec, frames: int,
+                     report: dict) -> None:
+    """A TensorRT / TensorRT-RTX plan: required when asked for, opportunistic otherwise (into ``report``).
+
+    A quantized export is built from its FP16-typed Q/DQ graph (``engines.fp16_qdq``): strongly
+    typed networks run each layer in the graph's type, so the FP32-typed export gave FP32 layers.
+    """
+    from adm_export.engines import tensorrt as trt_engine
+
+    flavor = {EngineBackend.TENSORRT: "tensorrt", EngineBackend.TENSORRT_RTX: "tensorrt-rtx"}.get(cfg.backend)
+    try:
+        trt_engine.import_nvinfer(flavor or "tensorrt-rtx")
+    except MissingDependencyError as exc:
+        if flavor is not None:
+            raise
+        report["engines"]["tensorrt"] = {"built": False, "reason": str(exc)}
+        logger.info("no TensorRT-RTX plan: %s", exc)
+        return
+    profile = trt_engine.EngineProfile(1, 2, 8, spec.frame_multiple, frames, max(frames, 4 * frames))
+    trt_dir = tmp / (flavor or "tensorrt-rtx")
+    graph_note = None
+    with tempfile.TemporaryDirectory(prefix="adm-trt-") as work:
+        source = onnx_path
+        if onnx_manifest.get("precision") not in ("fp16", "fp32"):
+            source, graph_note = _fp16_typed_source(onnx_path, Path(work))
+        try:
+            trt_report = trt_engine.build_engine(source, trt_dir, spec, profile, flavor=flavor or "tensorrt-rtx")
+        except trt_engine.EngineBuildError as exc:
+            if flavor is not None:
+                raise
+            # Not asked for: a graph TensorRT-RTX cannot build (e.g. INT4 convolutions)
+            # must not cost the user the ONNX Runtime engine; the report says why.
+            report["engines"]["tensorrt-rtx"] = {"built": False, "reason": str(exc)}
+            logger.warning("no TensorRT-RTX plan: %s", exc)
+            return
+    # Paths inside the temporary folder mean nothing after the rename: keep names only.
+    for key in ("plan", "layers_json"):
+        if trt_report.get(key):
+            trt_report[key] = f"{trt_dir.name}/{Path(trt_report[key]).name}"
+    if graph_note is not None:
+        trt_report["graph"] = graph_note
+    report["engines"][trt_dir.name] = {"built": True, **trt_report}
+
+
+def _fp16_typed_source(onnx_path: Path, work: Path) -> tuple[Path, dict]:
+    """Write the FP16-typed Q/DQ graph of a quantized export into ``work``; returns it and what changed."""
+    import onnx
+
+    from adm_export.engines.fp16_qdq import to_fp16_typed_qdq
+    from adm_export.export.onnx import save_onnx
+
+    model = onnx.load(str(onnx_path))
+    note = to_fp16_typed_qdq(model)
+    path = work / "unet.fp16_qdq.onnx"
+    save_onnx(model, path)
+    note = {"kind": "fp16-typed q/dq", "opset": note["opset"], "fp32_kept": note["fp32_kept"],
+            "compute_activation_types": note["compute"]["layer_precisions"]}
+    logger.info("TensorRT input: FP16-typed Q/DQ graph (opset %d; compute ops by activation type %s)",
+                note["opset"], note["compute_activation_types"])
+    return path, note
+
+
+def served_graph(engines_dir: str | Path, options, manifest: dict | None = None) -> Path:
+    """The ONNX file an engines folder serves, after checking that ``options`` can serve it.
+
+    Reads only the manifest and the graph's header, so ``generate`` and ``eval`` refuse a
+    combination with one line before loading a model:
+
+    * a CPU-built engine (the export as it is: Q/DQ, which ONNX Runtime's CUDA provider runs
+      in FP32) on the CUDA provider: build the CUDA engine with ``adm-export engine --device cuda``
+      (or serve this one with ``--ort-provider cpu``);
+    * a CUDA engine (fused ops that only the CUDA provider has) on the CPU provider;
+    * ``--ort-provider tensorrt`` where TensorRT's libraries do not load;
+    * ``--prefer-nhwc`` on a Q/DQ graph (ONNX Runtime's NHWC transform breaks quantized convolutions).
+
+    Args:
+        engines_dir: Folder written by the ``engine`` stage.
+        options: The serving ``engines.onnxruntime.OrtOptions``.
+        manifest: The folder's manifest, if already read.
+
+    Raises:
+        ArtifactNotFoundError: No ONNX Runtime engine in the folder.
+        InvalidInputError: The options cannot serve this engine.
+    """
+    from adm_export.engines.onnxruntime.sessions import check_graph_serves, graph_info, tensorrt_provider_problem
+
+    manifest = manifest or read_manifest(engines_dir, STAGE, "--engine")
+    path = Path(engines_dir) / ORT_DIR / "unet.onnx"
+    ort = ((manifest.get("report") or {}).get("engines") or {}).get("onnxruntime")
+    if ort is None or not path.is_file():
+        raise ArtifactNotFoundError(
+            f"--engine {str(engines_dir)!r} has no ONNX Runtime engine (built with --engine none?); "
+            f"rebuild it with --engine onnxruntime"
+        )
+    # Folders from before the CUDA engine existed served a copy of the export on every device.
+    kind = ort.get("graph", "export")
+    if kind == "export" and options.provider == "cuda":
+        raise InvalidInputError(
+            f"--engine {str(engines_dir)!r} was not built for CUDA (it serves the export as it is, which ONNX Runtime's "
+            "CUDA provider runs in FP32); build the CUDA engine with `adm-export engine --onnx ONNX_DIR --out DIR "
+            "--device cuda`, or serve this one with --ort-provider cpu"
+        )
+    if kind != "export" and not options.on_gpu:
+        raise InvalidInputError(
+            f"--engine {str(engines_dir)!r} holds a CUDA engine ({kind}: its fused ops run only on ONNX Runtime's CUDA "
+            "provider); serve it with --device cuda, or build a CPU engine with `adm-export engine --device cpu`"
+        )
+    if options.provider == "tensorrt":
+        problem = tensorrt_provider_problem()
+        if problem:
+            raise InvalidInputError(f"--ort-provider tensorrt cannot run here: {problem}; use --ort-provider cuda")
+    check_graph_serves(graph_info(path), options, f"--engine {str(engines_dir)!r}")
+    return path
+
+
 def load_ort_denoiser(engines_dir: str | Path, adapter, device: str = "cpu", threads: int = 0, options=None):
     """The ONNX Runtime denoiser of an engines folder, ready for ``adapter.using_denoiser``.
 
     ``options`` (an ``engines.onnxruntime.OrtOptions``: provider, IO binding, CUDA graphs) wins
-    over ``device`` and ``threads``.
+    over ``device`` and ``threads``; without it the plain options of ``device`` are used.
+
+    Raises:
+        InvalidInputError: The options cannot serve this engine (see :func:`served_graph`).
     """
     from adm_export.artifacts import check_same_model
     from adm_export.engines.onnxruntime import OrtEngine, OrtOptions, make_ort_denoiser
 
     manifest = read_manifest(engines_dir, STAGE, "--engine")
     check_same_model(manifest, adapter.identity(), "--engine")
-    path = Path(engines_dir) / ORT_DIR / "unet.onnx"
-    if not path.is_file():
-        from adm_export.errors import ArtifactNotFoundError
-
-        raise ArtifactNotFoundError(
-            f"--engine {str(engines_dir)!r} has no ONNX Runtime engine (built with --engine none?); "
-            f"rebuild it with --engine onnxruntime"
-        )
     options = options or OrtOptions.for_device(device, threads)
+    path = served_graph(engines_dir, options, manifest)
     return make_ort_denoiser(adapter, OrtEngine(path, adapter.denoiser_spec(), options)), manifest

@@ -180,19 +180,21 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     from adm_export.artifacts import manifest_digest
     from adm_export.engines.memory import check_attention_memory
     from adm_export.engines.onnxruntime import OrtOptions
-    from adm_export.engines.stage import load_ort_denoiser
+    from adm_export.engines.stage import load_ort_denoiser, served_graph
     from adm_export.eval.embedders import get_embedder
     from adm_export.models import load_model, model_defaults
 
     start = time.perf_counter()
     # 1. Model, engine, embedder, prompts (and the reference folder, read before any generation).
     manifest = read_manifest(engine_dir, "engine", "--engine")
+    # The engine is served exactly as `generate` serves it (same options, same checks, same
+    # graph); each rank's engine runs on its own GPU (LOCAL_RANK; 0 in one process).
+    options = OrtOptions.serving(cfg.device, device_id=dist.local_rank())
+    served_graph(engine_dir, options, manifest)  # a CPU engine on --device cuda etc.: one line, before any work
     adapter = adapter or load_model(model_id or manifest["model"]["id"], cfg.device)
     check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds),
                            min(CHUNK, cfg.num_clips) * (2 if cfg.guidance_scale > 1 else 1), cfg.device, "--eval-seconds")
-    # Each rank's engine runs on its own GPU (LOCAL_RANK; 0 in one process).
-    denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device,
-                                    options=OrtOptions.for_device(cfg.device, device_id=dist.local_rank()))
+    denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device, options=options)
     defaults = model_defaults(adapter.model_id)
     embedder = embedder or get_embedder(cfg.embedder or defaults["embedder"], checkpoint=cfg.embedder_checkpoint,
                                         device=cfg.device)

@@ -61,6 +61,11 @@ def make_report(model: dict, precision: str, device: str, timings: dict, onnx_ma
             "backend": engine.get("backend"),
             "layer_precisions": engine.get("layer_precisions"),
             "latency_ms": (engine.get("engines", {}).get("onnxruntime", {}).get("latency") or {}).get("median_ms"),
+            # The ONNX Runtime engine: which graph it serves (the export, or the fused FP16 CUDA
+            # engine), the optimizer's fused-op counts, and what computes in what.
+            "onnxruntime_graph": engine.get("engines", {}).get("onnxruntime", {}).get("graph"),
+            "fusions": engine.get("engines", {}).get("onnxruntime", {}).get("fusions"),
+            "summary": engine.get("engines", {}).get("onnxruntime", {}).get("summary"),
             "engines": engine.get("engines"),
         },
         "calibration": None if calib_manifest is None else {
@@ -314,12 +319,34 @@ def render_markdown(report: dict) -> str:
         f"- backend: {engine['backend']}; layer precisions: {json.dumps(engine['layer_precisions'])}",
         f"- ONNX Runtime latency per denoiser call: {_fmt(engine['latency_ms'], '.1f')} ms",
     ]
+    lines += render_ort_engine((engine.get("engines") or {}).get("onnxruntime") or {})
     for name, e in (engine.get("engines") or {}).items():
         if name != "onnxruntime":
             lines.append(f"- {name}: " + (f"built, layer precisions {json.dumps(e.get('layer_precisions'))} "
                                           f"(source: {e.get('source')})" if e.get("built") else f"not built ({e.get('reason')})"))
     lines += ["", "## Quality", "", *render_quality(ev)]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_ort_engine(ort: dict) -> list[str]:
+    """Markdown lines for the ONNX Runtime engine: graph kind, fused ops, weights/activations, parity."""
+    if not ort or ort.get("graph") in (None, "export"):
+        return ["- ONNX Runtime graph: the export as it is (built for the CPU; no diffusion fusions)"] if ort else []
+    lines = [f"- ONNX Runtime CUDA engine ({ort['graph']}): {ort.get('summary')}"]
+    if (ort.get("weights") or {}).get("note"):
+        lines.append(f"  - weights: {ort['weights']['note']}")
+    lines.append(f"  - activations: {(ort.get('activations') or {}).get('note')}")
+    lines.append(f"  - kept FP32: {(ort.get('fp32_kept') or {}).get('nodes')} nodes "
+                 f"({(ort.get('fp32_kept') or {}).get('why')})")
+    p = ort.get("parity") or {}
+    if p:
+        where = "the served graph on CUDA" if p.get("served_graph_checked") else \
+            f"not the served graph ({p.get('reason')}); checked: {p.get('checked')}"
+        lines.append(f"  - parity: max relative L2 {_fmt(p.get('max'), '.2e')} vs {p.get('reference')} "
+                     f"(tolerance {_fmt(p.get('tolerance'), '.1e')}; {where})")
+    if ort.get("fusion_error"):
+        lines.append(f"  - the optimizer failed ({ort['fusion_error']}): the FP16 graph is served unfused")
+    return lines
 
 
 def render_quantization(quant: dict, top: int = 10) -> list[str]:

@@ -32,13 +32,66 @@ ONNX_FILE = "unet.onnx"
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
+@contextlib.contextmanager
+def classic_attention(module):
+    """Compute attention with explicit matmuls (``softmax(q k^T * scale) v``) while inside.
+
+    ONNX Runtime's diffusion optimizer fuses attention into ``MultiHeadAttention`` (flash
+    attention on CUDA) only from the graph of diffusers' classic ``AttnProcessor``; the default
+    ``AttnProcessor2_0`` traces ``scaled_dot_product_attention`` into a pattern that crashes it
+    (DESIGN.md §6). Same arithmetic (measured: 6e-7 relative on the FP32 U-Net; a quantized model
+    moves by its rounding floor, as any change of summation order does). Modules outside
+    diffusers opt in with a ``classic_attention`` attribute (Make-An-Audio's LDM attention). The
+    processors are restored on exit, so the caller's model is left as it was.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    # ModelOpt's quantized attention swaps torch.bmm / torch.baddbmm / SDPA for its own functions
+    # during a forward and restores them without a try/finally: an exception inside would leave
+    # them swapped for the whole process (seen: endless recursion in every later export).
+    functions = [(torch, "bmm"), (torch, "baddbmm"), (F, "scaled_dot_product_attention")]
+    originals = [(pkg, name, getattr(pkg, name)) for pkg, name in functions]
+    saved = None
+    flagged = [m for m in module.modules() if hasattr(m, "classic_attention")]
+    if hasattr(module, "set_attn_processor") and hasattr(module, "attn_processors"):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        saved = dict(module.attn_processors)
+        module.set_attn_processor(AttnProcessor())
+    previous = [m.classic_attention for m in flagged]
+    for m in flagged:
+        m.classic_attention = True
+    try:
+        yield module
+    finally:
+        for m, value in zip(flagged, previous):
+            m.classic_attention = value
+        if saved is not None:
+            module.set_attn_processor(saved)
+        for pkg, name, func in originals:
+            setattr(pkg, name, func)
+            if hasattr(pkg, "_" + name) and name != "scaled_dot_product_attention":
+                delattr(pkg, "_" + name)  # ModelOpt's cache of the original, left behind
+
+
 def torch_to_onnx(adapter, module, path: Path, opset: int, example: dict) -> None:
-    """Export ``module`` (the adapter's denoiser or a quantized copy) with the spec's names and axes."""
+    """Export ``module`` (the adapter's denoiser or a quantized copy) with the spec's names and axes.
+
+    Attention is traced in its classic form (:func:`classic_attention`), so every export can be
+    served by the fused CUDA engine.
+    """
+    import copy
+
     import torch
 
     spec = adapter.denoiser_spec()
+    # Traced on a copy: tracing the classic attention path left the caller's module computing
+    # differently afterwards (float rounding, measured: 3e-8 on a generated clip).
+    module = copy.deepcopy(module)
     wrapped = adapter.export_module(module).eval()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), \
+            classic_attention(module):
         warnings.simplefilter("ignore")  # TracerWarnings from diffusers' shape checks
         torch.onnx.export(
             wrapped,
@@ -115,7 +168,11 @@ def check_parity(adapter, model, session, points: list[dict]) -> dict:
     model64 = copy.deepcopy(model).double()
     gap, floor, qerr = [], [], []
     for p in points:
-        fake = run_denoiser(adapter, model, p)
+        # The export's attention arithmetic (a quantized model's output moves by its rounding floor
+        # with the summation order); the float64 copy keeps its own (its mask and its q/k would
+        # meet in baddbmm in different dtypes, and float64 rounding is negligible either way).
+        with classic_attention(model):
+            fake = run_denoiser(adapter, model, p)
         fake64 = run_denoiser(adapter, model64, {k: v.double() for k, v in p.items()})
         full = run_denoiser(adapter, adapter.denoiser, p)
         gap.append(rel_l2(torch.from_numpy(runner(p)), fake))
@@ -235,6 +292,7 @@ def build_onnx(adapter, model, plans, codecs: dict, opset: int, example: dict, w
     if Placement(placement) == Placement.ONNXRUNTIME:
         fold["activations_to_uint8"] = onnx_graph.activations_to_uint8(graph)
     fold["tensor_name_bytes_saved"] = onnx_graph.shorten_tensor_names(graph)
+    fold["node_name_bytes_saved"] = onnx_graph.shorten_plumbing_node_names(graph)
     fold["scalar_initializers_shared"] = onnx_graph.dedupe_scalar_initializers(graph)
     if opset > _TORCHSCRIPT_MAX_OPSET:
         # 20 -> 21 only widens the types of Q/DQ, Cast, Reshape, ...: no op changes meaning.
@@ -313,7 +371,8 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
             # What the engine's default session does differently: MatMulNBits quantizes INT4
             # MatMuls' activations to INT8 per block at run time (accuracy level 4).
             runner = OrtRunner(make_session(path))
-            gaps = [rel_l2(torch.from_numpy(runner(p)), run_denoiser(adapter, model, p)) for p in points]
+            with classic_attention(model):
+                gaps = [rel_l2(torch.from_numpy(runner(p)), run_denoiser(adapter, model, p)) for p in points]
             parity["onnxruntime_default_session_gap_mean"] = sum(gaps) / len(gaps)
         params = adapter.denoiser_parameter_count()
         sizes = {

@@ -74,18 +74,19 @@ TABLE: dict[Target, dict[tuple[str, str], Capability]] = {
         ("w4a8", CONV): Capability(EMULATED, "INT4 weights dequantized to float, float Conv"),
         ("w4a16", CONV): Capability(EMULATED, "INT4 weights dequantized to float, float Conv"),
     },
+    # The CUDA engine (engines.onnxruntime.cuda) dequantizes every low-bit weight at engine build
+    # and computes in FP16 (the CUDA provider has no INT8/FP8 kernels for Q/DQ graphs); activations
+    # are not quantized there. The format still sets the weights' grid (and the export's size).
     Target.ORT_CUDA: {
         ("fp16", CONV): Capability(NATIVE), ("fp16", LINEAR): Capability(NATIVE),
-        ("int8", CONV): Capability(EMULATED, "CUDA EP has Q/DQ kernels but no INT8 convolution"),
-        ("int8", LINEAR): Capability(EMULATED, "Q/DQ then float GEMM"),
-        ("fp8", CONV): Capability(EMULATED, "FP8 Q/DQ kernels (compute capability >= 8.9), float Conv"),
-        ("fp8", LINEAR): Capability(EMULATED, "FP8 Q/DQ kernels (compute capability >= 8.9), float GEMM"),
-        ("w4a16", LINEAR): Capability(NATIVE, "MatMulNBits (CUDA)"),
-        ("w4a8", LINEAR): Capability(EMULATED, "INT8 activation Q/DQ, INT4 weights via MatMulNBits"),
-        ("w4a8", CONV): Capability(None, "blocked INT4 DequantizeLinear feeding Conv is not verified on the "
-                                         "CUDA EP", "int8"),
-        ("w4a16", CONV): Capability(None, "blocked INT4 DequantizeLinear feeding Conv is not verified on the "
-                                          "CUDA EP", "fp16"),
+        ("int8", CONV): Capability(EMULATED, "INT8 weights dequantized at engine build; FP16 convolution"),
+        ("int8", LINEAR): Capability(EMULATED, "INT8 weights dequantized at engine build; FP16 GEMM"),
+        ("fp8", CONV): Capability(EMULATED, "FP8 weights dequantized at engine build; FP16 convolution"),
+        ("fp8", LINEAR): Capability(EMULATED, "FP8 weights dequantized at engine build; FP16 GEMM"),
+        ("w4a16", LINEAR): Capability(EMULATED, "INT4 weights dequantized at engine build; FP16 GEMM"),
+        ("w4a8", LINEAR): Capability(EMULATED, "INT4 weights dequantized at engine build; FP16 GEMM"),
+        ("w4a8", CONV): Capability(EMULATED, "INT4 weights dequantized at engine build; FP16 convolution"),
+        ("w4a16", CONV): Capability(EMULATED, "INT4 weights dequantized at engine build; FP16 convolution"),
     },
 }
 

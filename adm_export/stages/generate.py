@@ -11,7 +11,13 @@ Output folder::
     0000.wav ...        16-bit PCM at the model's sampling rate
     0000.png ...        log-magnitude spectrogram per clip (``--plot``)
     prompts.json        file, prompt and seed of each clip
-    generate.json       settings, engine, timings (seconds per clip, denoiser calls)
+    generate.json       settings, engine, timings: ``startup_seconds`` (model load, engine sessions,
+                        warm-up) apart from ``seconds_per_clip``
+
+On ``--device cuda`` everything a process pays once is paid before the clock starts: each batch
+size the prompts will run at is generated once with :data:`WARMUP_STEPS` steps (cuDNN's algorithm
+search, ONNX Runtime's CUDA-graph capture on the third run of a shape, torch's lazy CUDA set-up),
+and the engine's sessions are created then; ``seconds_per_clip`` is the steady state.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from adm_export.errors import ArtifactNotFoundError, InvalidInputError
 from adm_export.progress import progress
 
 logger = logging.getLogger(__name__)
+
+# ONNX Runtime captures a shape's CUDA graph on its third run (two plain runs first): a warm-up of
+# three steps pays session creation, cuDNN search and capture before the clock starts.
+WARMUP_STEPS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +58,12 @@ class GenerateConfig:
         threads: ONNX Runtime CPU threads (0: all cores).
         ort_provider: ONNX Runtime provider: ``auto`` (CUDA on ``--device cuda``, else CPU),
             ``cpu``, ``cuda`` or ``tensorrt``.
-        io_binding: On CUDA, bind device tensors to the engine (no host copies).
-        cuda_graph: On CUDA, replay each input shape's step as a captured CUDA graph.
+        io_binding: On CUDA, bind device tensors to the engine (no host copies); ``None``: on.
+        cuda_graph: On CUDA, replay each input shape's step as a captured CUDA graph; ``None``:
+            on whenever the engine runs on a GPU provider with IO binding (the fast path).
         prefer_nhwc: On CUDA, let ONNX Runtime use NHWC convolution kernels.
+        cudnn_search: cuDNN convolution algorithm search (``exhaustive``, ``heuristic``, ``default``).
+        warmup: On ``--device cuda``, run each batch shape once before timing (see the module doc).
     """
 
     model: str | None = None
@@ -66,9 +79,11 @@ class GenerateConfig:
     plot: bool = False
     threads: int = 0
     ort_provider: str = "auto"
-    io_binding: bool = True
-    cuda_graph: bool = False
+    io_binding: bool | None = None
+    cuda_graph: bool | None = None
     prefer_nhwc: bool = False
+    cudnn_search: str = "exhaustive"
+    warmup: bool = True
 
     def __post_init__(self):
         check_finite(self, {"audio_seconds": "--seconds", "guidance_scale": "--guidance-scale"})
@@ -80,31 +95,32 @@ class GenerateConfig:
         if self.guidance_scale < 0:
             raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
         check_device(self.device)
-        if self.ort_provider not in ("auto", "cpu", "cuda", "tensorrt"):
-            raise InvalidInputError(
-                f"invalid --ort-provider {self.ort_provider!r}: choose auto, cpu, cuda or tensorrt"
-            )
-        if self.device == "cpu" and self.ort_provider in ("cuda", "tensorrt"):
-            raise InvalidInputError(
-                f"--ort-provider {self.ort_provider} needs --device cuda (the pipeline and the engine share the GPU)"
-            )
-        if self.cuda_graph and self.device != "cuda":
-            raise InvalidInputError("--cuda-graph needs --device cuda; drop --cuda-graph to run on the CPU")
-        if self.engine_dir is not None and not Path(self.engine_dir).is_dir():
+        self.ort_options()  # refuses impossible provider / graph / binding combinations
+        if self.engine_dir is None:
+            engine_flags = [flag for flag, given in (
+                (f"--ort-provider {self.ort_provider}", self.ort_provider != "auto"),
+                ("--cuda-graph" if self.cuda_graph else "--no-cuda-graph", self.cuda_graph is not None),
+                ("--io-binding" if self.io_binding else "--no-io-binding", self.io_binding is not None),
+                ("--prefer-nhwc", self.prefer_nhwc),
+                (f"--cudnn-search {self.cudnn_search}", self.cudnn_search != "exhaustive")) if given]
+            if engine_flags:
+                raise InvalidInputError(
+                    f"{engine_flags[0]} sets how an engine is served, but no --engine was given (the torch pipeline "
+                    f"generates); pass --engine DIR or drop {engine_flags[0]}"
+                )
+        elif not Path(self.engine_dir).is_dir():
             raise ArtifactNotFoundError(
                 f"--engine {self.engine_dir!r} is not a folder; pass the output of `adm-export engine` (or of build: "
                 f"BUILD_DIR/engines)"
             )
 
     def ort_options(self):
-        """The ONNX Runtime session settings these options ask for."""
-        from adm_export.engines.onnxruntime import OrtOptions
+        """The ONNX Runtime session settings these options ask for (``OrtOptions.serving``, as ``eval`` uses)."""
+        from adm_export.engines.onnxruntime.sessions import OrtOptions
 
-        provider = self.ort_provider
-        if provider == "auto":
-            provider = "cuda" if self.device == "cuda" else "cpu"
-        return OrtOptions(provider=provider, threads=self.threads, io_binding=self.io_binding,
-                          cuda_graph=self.cuda_graph, prefer_nhwc=self.prefer_nhwc)
+        return OrtOptions.serving(self.device, self.ort_provider, io_binding=self.io_binding,
+                                  cuda_graph=self.cuda_graph, prefer_nhwc=self.prefer_nhwc, threads=self.threads,
+                                  conv_algo_search=self.cudnn_search)
 
     def all_prompts(self) -> list[str]:
         """The prompts: ``--prompt`` values first, then the lines of ``--prompts``."""
@@ -182,15 +198,22 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     # 1. Validate everything that needs no model before loading one.
     prompts = cfg.all_prompts()
     options = cfg.ort_options()
-    # 2. The pipeline (--model, else the engine's model, else the default), its denoiser served by the engine.
-    model_id = cfg.model
-    if model_id is None and cfg.engine_dir:
+    manifest = None
+    if cfg.engine_dir:
         from adm_export.artifacts import read_manifest
+        from adm_export.engines.stage import served_graph
 
-        model_id = read_manifest(cfg.engine_dir, "engine", "--engine")["model"]["id"]
+        manifest = read_manifest(cfg.engine_dir, "engine", "--engine")
+        served_graph(cfg.engine_dir, options, manifest)  # engine/options mismatches: one line, before any work
+    # 2. The pipeline (--model, else the engine's model, else the default), its denoiser served by the engine.
+    startup: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model_id = cfg.model or (manifest["model"]["id"] if manifest else None)
     adapter = adapter or load_model(model_id or DEFAULT_MODEL, cfg.device)
+    startup["model_load"] = time.perf_counter() - t0
     ctx = contextlib.nullcontext()
     engine_info = None
+    denoiser = None
     if cfg.engine_dir:
         from adm_export.engines.memory import check_attention_memory
 
@@ -198,10 +221,13 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
         rows = min(cfg.batch_size, len(prompts)) * (2 if cfg.guidance_scale > 1 else 1)
         check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds), rows, cfg.device, "--seconds",
                                "--batch-size")
+        t0 = time.perf_counter()
         denoiser, manifest = load_ort_denoiser(cfg.engine_dir, adapter, cfg.device, cfg.threads, options=options)
+        startup["engine_load"] = time.perf_counter() - t0
         ctx = adapter.using_denoiser(denoiser)
+        ort_report = manifest["report"]["engines"]["onnxruntime"]
         engine_info = {"dir": str(cfg.engine_dir), "precision": manifest.get("precision"),
-                       "ort_options": to_dict(options)}
+                       "graph": ort_report.get("graph", "export"), "ort_options": to_dict(options)}
     # 3. Sample, batch by batch.
     seeds = [cfg.seed + i for i in range(len(prompts))]
     # Sample a length the engine can run (a latent multiple of the U-Net's downsampling), then
@@ -213,14 +239,24 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     keep = int(cfg.audio_seconds * adapter.sampling_rate)
     waves, batch_seconds = [], []
     batches = [range(i, min(i + cfg.batch_size, len(prompts))) for i in range(0, len(prompts), cfg.batch_size)]
-    start = time.perf_counter()
     with ctx:
+        if cfg.warmup and cfg.device == "cuda":
+            # Every batch shape once, before the clock: sessions, cuDNN search, graph capture.
+            t0 = time.perf_counter()
+            sessions_before = denoiser.engine.session_seconds if denoiser is not None else 0.0
+            for n in sorted({len(b) for b in batches}):
+                adapter.generate(prompts[:n], seeds[:n], WARMUP_STEPS, seconds, cfg.guidance_scale)
+            startup["warmup"] = time.perf_counter() - t0
+            if denoiser is not None:
+                startup["warmup_engine_sessions"] = denoiser.engine.session_seconds - sessions_before
+        start = time.perf_counter()
         for b in progress(batches, desc="generate", unit="batch"):
             t0 = time.perf_counter()
             waves += [w[:keep] for w in adapter.generate([prompts[i] for i in b], [seeds[i] for i in b], cfg.steps,
                                                          seconds, cfg.guidance_scale)]
             batch_seconds.append(round(time.perf_counter() - t0, 4))
-    wall = time.perf_counter() - start
+        wall = time.perf_counter() - start
+    startup_seconds = sum(v for k, v in startup.items() if k != "warmup_engine_sessions")
     sr = adapter.sampling_rate
     # 4. Write clips, plots and the record of what made them.
     with atomic_dir(out, force=force) as tmp:
@@ -242,6 +278,13 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
             "seconds": round(wall, 4),
             "seconds_per_clip": round(wall / len(waves), 4),
             "batch_seconds": batch_seconds,
+            # Paid once per process, apart from the per-clip time: model load, engine sessions,
+            # warm-up (of which engine session creation inside it).
+            "startup_seconds": round(startup_seconds, 4),
+            "startup": {k: round(v, 4) for k, v in startup.items()},
+            "warmup_steps": WARMUP_STEPS if "warmup" in startup else 0,
         })
-    logger.info("generated %d clip(s) in %.1f s (%.2f s per clip) -> %s", len(waves), wall, wall / len(waves), out)
+    logger.info("generated %d clip(s) in %.1f s (%.3f s per clip) -> %s; start-up %.1f s (%s)", len(waves), wall,
+                wall / len(waves), out, startup_seconds, ", ".join(f"{k.replace('_', ' ')} {v:.1f} s"
+                                                                   for k, v in startup.items()))
     return [Path(out) / f"{i:04d}.wav" for i in range(len(prompts))]

@@ -310,3 +310,73 @@ def test_onnx_inputs_must_match_the_spec(rtx, tiny_onnx, tmp_path):
     )
     with pytest.raises(EngineBuildError, match=r"not in the denoiser spec"):
         build_engine(tiny_onnx, tmp_path, other, PROFILE, flavor="tensorrt-rtx")
+
+
+# -- FP16-typed Q/DQ graphs (engines.fp16_qdq): no FP32 layers in a quantized strongly typed build --
+def _fp16_typed(src, dst):
+    import onnx
+
+    from adm_export.engines.fp16_qdq import to_fp16_typed_qdq
+
+    model = onnx.load(str(src))
+    report = to_fp16_typed_qdq(model)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return model, report
+
+
+def _float_compute(rows) -> list[str]:
+    """Convolutions / matmuls of a TensorRT layer report that compute in FP32."""
+    return [r["name"] for r in rows if r["precision"] in ("fp32", "fp32w/fp16a") or r.get("activation_dtype") == "fp32"]
+
+
+def test_fp16_typed_qdq_graph_types_and_numbers(tiny_onnx, tmp_path):
+    """FP16 activations, weights and Q/DQ scales (opset 19); the timestep reshape kept FP32; same numbers."""
+    from onnx import TensorProto
+    from onnx.reference import ReferenceEvaluator
+
+    from adm_export.engines.onnxruntime import fusions
+
+    model, report = _fp16_typed(tiny_onnx, tmp_path / "fp16.onnx")
+    assert report["opset"] == 19 == next(o.version for o in model.opset_import if o.domain == "")
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = [inits[n.input[1]].data_type for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert scales and set(scales) == {TensorProto.FLOAT16}
+    assert inits["w3"].data_type == TensorProto.FLOAT16  # the unquantized layer's weight
+    types = fusions.tensor_types(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert [types[c.input[0]] for c in convs] == [TensorProto.FLOAT16] * 3
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    assert types[reshape.output[0]] == TensorProto.FLOAT  # timestep path: FP32
+    assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [TensorProto.FLOAT] * 3
+    rng = np.random.default_rng(3)
+    feed = {"sample": rng.standard_normal((2, C, 16, MELS)).astype(np.float32),
+            "timestep": np.array([3.0, 700.0], np.float32)}
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(tiny_onnx), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = ReferenceEvaluator(model).run(None, feed)[0]  # ONNX's reference ops: FP16 Q/DQ and Conv
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-2
+
+
+def test_fp16_typed_quantized_engine_has_no_fp32_convolutions_or_matmuls(rtx, tiny_onnx, tmp_path):
+    """The strongly typed TensorRT-RTX build of the FP16-typed graph: INT8 + FP16, nothing in FP32."""
+    _fp16_typed(tiny_onnx, tmp_path / "fp16.onnx")
+    report = build_engine(tmp_path / "fp16.onnx", tmp_path / "e", _spec(), PROFILE, flavor="tensorrt-rtx")
+    assert report["layer_precisions"] == {"fp16": 1, "int8": 2}
+    rows = json.loads((tmp_path / "e" / "layers.json").read_text())["compute_layers"]
+    assert not _float_compute(rows)
+
+
+def test_default_quantized_build_tensorrt_rtx_plan_is_int8_and_fp16(rtx, tiny_build):
+    """The default build's opportunistic TensorRT-RTX plan (from the same export): fails on any FP32
+    convolution or matmul (it was {"fp32": 48, "int8": 98} before the FP16-typed graph)."""
+    out, result, report = tiny_build
+    assert result.exit_code == 0, result.output
+    trt = report["engine"]["engines"]["tensorrt-rtx"]
+    assert trt["built"] is True, trt
+    assert trt["graph"]["kind"] == "fp16-typed q/dq" and trt["graph"]["opset"] >= 19
+    assert set(trt["layer_precisions"]) == {"int8", "fp16"}, trt["layer_precisions"]
+    assert trt["layer_precisions"]["int8"] >= report["quantization"]["qdq"].get("Conv:quantized", 0) > 0
+    rows = json.loads((out / "engines" / "tensorrt-rtx" / "layers.json").read_text())["compute_layers"]
+    assert rows and not _float_compute(rows)

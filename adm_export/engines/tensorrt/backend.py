@@ -15,6 +15,9 @@ from adm_export.errors import AdmExportError, InvalidInputError, MissingDependen
 logger = logging.getLogger("adm_export.engines.tensorrt")
 
 FLAVORS = ("auto", "tensorrt", "tensorrt-rtx")
+# Warnings that say nothing to act on, logged at DEBUG: TensorRT-RTX widens the FP16 Q/DQ scales
+# of an FP16-typed graph (engines.fp16_qdq) to FP32 inside each convolution, once per layer.
+_BENIGN_WARNINGS = ("Converting conv activation scales to fp32.", "Converting conv weight scales to fp32.")
 
 # Import names per flavor: the meta package's module first, then the standalone bindings wheel
 # (``tensorrt-rtx-cu13-bindings`` installs ``tensorrt_rtx_bindings``).
@@ -114,7 +117,7 @@ class _LogForwarder:
                 self.errors.append(one_line(text))
             level = logging.DEBUG if self.quiet else logging.ERROR
         elif sev == self.warning_level:
-            level = logging.DEBUG if self.quiet else logging.WARNING
+            level = logging.DEBUG if self.quiet or text.endswith(_BENIGN_WARNINGS) else logging.WARNING
         elif sev == self.info_level:
             level = logging.DEBUG
         else:  # VERBOSE: very chatty, never forwarded

@@ -67,14 +67,29 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
+        self.dim_head = dim_head
         self.to_q = nn.Linear(query_dim, inner, bias=False)
         self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        # Explicit matmuls instead of SDPA (set by export.onnx.classic_attention while tracing):
+        # the graph ONNX Runtime's attention fusion recognises. Same values.
+        self.classic_attention = False
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        b, h = x.shape[0], self.heads
+        b, h, d = x.shape[0], self.heads, self.dim_head
+        if self.classic_attention:
+            # LDM's einsum arithmetic, with heads folded into the batch as diffusers' classic
+            # AttnProcessor does: softmax(q k^T * d^-0.5) v.
+            def fold(t):  # shapes read from t itself: the optimizer turns them into a constant reshape
+                n, s = t.shape[0], t.shape[1]
+                return t.reshape(n, s, h, d).permute(0, 2, 1, 3).reshape(n * h, s, d)
+
+            q, k, v = fold(self.to_q(x)), fold(self.to_k(context)), fold(self.to_v(context))
+            attn = (torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5).softmax(dim=-1)
+            out = torch.matmul(attn, v).reshape(b, h, x.shape[1], d).permute(0, 2, 1, 3)
+            return self.to_out(out.reshape(b, x.shape[1], h * d))
         q, k, v = (t.reshape(b, t.shape[1], h, -1).transpose(1, 2)
                    for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
         out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, as the einsum form
@@ -136,7 +151,8 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context):
         b, c, h, w = x.shape
-        y = self.proj_in(self.norm(x)).flatten(2).transpose(1, 2)
+        # LDM's rearrange 'b c h w -> b (h w) c' (a permute, then a reshape).
+        y = self.proj_in(self.norm(x)).permute(0, 2, 3, 1).reshape(b, h * w, -1)
         for block in self.transformer_blocks:
             y = block(y, context)
         return self.proj_out(y.transpose(1, 2).reshape(b, -1, h, w)) + x

@@ -1,22 +1,21 @@
-"""ONNX Runtime serving: session factory, IO binding, CUDA graphs, and a denoiser for the pipeline.
+"""ONNX Runtime sessions: options, providers, session factory, a numpy runner, and what a graph can serve.
 
 * :class:`OrtOptions` says how a session runs (provider, threads, graph optimisation, IO binding,
-  CUDA graphs, NHWC kernels); :func:`make_session` turns it into an ``InferenceSession``.
-* :class:`OrtEngine` runs a session on named torch tensors. On the CPU it feeds numpy arrays; on
-  CUDA it binds the torch tensors' device memory directly (IO binding: no host round trip), cast
-  to the dtypes the graph declares (FP16 inputs and outputs for an FP16 export). With
-  ``cuda_graph`` it pins the dynamic dimensions per input shape (one session per shape, built on
-  first use), so every shape computation folds away and the whole step is captured as one CUDA
-  graph that later calls replay from fixed input and output buffers.
-* :func:`make_ort_denoiser` wraps an engine into a ``torch.nn.Module`` with the U-Net's call
-  signature and output type, so diffusers' own sampler runs with the engine inside (``generate``
-  and ``eval`` share one sampler for the baseline and the engine). The adapter turns the
-  pipeline's call into the named engine inputs, so the same class serves every model family.
+  CUDA graphs, NHWC kernels, cuDNN search); :meth:`OrtOptions.serving` resolves the serving
+  defaults that ``generate`` and ``eval`` share (on CUDA: IO binding and CUDA graphs on);
+  :func:`make_session` turns options into an ``InferenceSession``.
+* :func:`graph_info` reads a served graph's inputs, outputs and op types from the file alone
+  (no session: a fused CUDA graph cannot even be loaded by the CPU provider), and
+  :func:`check_graph_serves` refuses, with one line, option/graph combinations ONNX Runtime
+  would crash on or silently run somewhere else.
+
+Nothing here imports torch: the torch-free bundle runtime (issue 12) builds on this module.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -27,9 +26,16 @@ from adm_export.errors import InvalidInputError, MissingDependencyError, require
 logger = logging.getLogger(__name__)
 
 PROVIDERS = ("cpu", "cuda", "tensorrt")
+CONV_ALGO_SEARCHES = ("exhaustive", "heuristic", "default")
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 _NP = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64",
        "tensor(int32)": "int32", "tensor(double)": "float64"}
+# ONNX elem_type -> ONNX Runtime type string (the form ``session.get_inputs()[i].type`` has).
+_ELEM_TO_ORT = {1: "tensor(float)", 10: "tensor(float16)", 7: "tensor(int64)", 6: "tensor(int32)",
+                11: "tensor(double)"}
+# Contrib ops the diffusion optimizer writes that only the CUDA provider implements.
+CUDA_ONLY_OPS = frozenset({"GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd"})
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +50,12 @@ class OrtOptions:
         optimization_level: Graph optimisation: ``disable``, ``basic``, ``extended`` or ``all``.
         io_binding: On CUDA, bind torch device tensors to the session's inputs and outputs
             instead of copying through host memory.
-        cuda_graph: On CUDA, capture each input shape's step as a CUDA graph (implies IO binding
-            and one session per shape with the dynamic dimensions pinned).
+        cuda_graph: On CUDA, capture each input shape's step as a CUDA graph (needs IO binding;
+            one session per shape with the dynamic dimensions pinned).
         prefer_nhwc: Let the CUDA provider use NHWC convolution kernels (inserts layout
             transposes; helps FP16 convolutions on tensor cores).
         conv_algo_search: cuDNN algorithm search: ``exhaustive`` (fastest kernels, slower first
-            run), ``heuristic`` or ``default``.
+            run of each shape), ``heuristic`` or ``default``.
         trt_fp16: TensorRT provider: allow FP16 kernels.
         trt_int8: TensorRT provider: honour the model's INT8 Q/DQ nodes.
         trt_cache_dir: TensorRT provider: folder for engine and timing caches (``None``: none).
@@ -81,12 +87,19 @@ class OrtOptions:
             )
         if self.threads < 0:
             raise InvalidInputError(f"invalid --threads {self.threads}: must be >= 0 (0: all cores)")
-        if self.conv_algo_search not in ("exhaustive", "heuristic", "default"):
+        if self.conv_algo_search not in CONV_ALGO_SEARCHES:
             raise InvalidInputError(
-                f"invalid cuDNN algorithm search {self.conv_algo_search!r}: choose exhaustive, heuristic or default"
+                f"invalid --cudnn-search {self.conv_algo_search!r}: choose exhaustive, heuristic or default"
             )
         if self.cuda_graph and self.provider == "cpu":
             raise InvalidInputError("--cuda-graph needs a GPU provider; use --device cuda or drop --cuda-graph")
+        if self.prefer_nhwc and self.provider == "cpu":
+            raise InvalidInputError("--prefer-nhwc needs a GPU provider; use --device cuda or drop --prefer-nhwc")
+        if self.cuda_graph and not self.io_binding:
+            raise InvalidInputError(
+                "--cuda-graph needs IO binding (the graph replays fixed device buffers); drop --no-io-binding "
+                "or pass --no-cuda-graph"
+            )
         if self.max_graph_sessions < 1:
             raise InvalidInputError(f"invalid max_graph_sessions {self.max_graph_sessions}: must be >= 1")
 
@@ -96,8 +109,48 @@ class OrtOptions:
 
     @classmethod
     def for_device(cls, device: str, threads: int = 0, **kwargs) -> "OrtOptions":
-        """Options for ``--device cpu|cuda`` (CUDA provider on ``cuda``)."""
+        """Plain options for ``--device cpu|cuda`` (CUDA provider on ``cuda``, no CUDA graph)."""
         return cls(provider="cuda" if device == "cuda" else "cpu", threads=threads, **kwargs)
+
+    @classmethod
+    def serving(cls, device: str, provider: str = "auto", io_binding: bool | None = None,
+                cuda_graph: bool | None = None, prefer_nhwc: bool = False, threads: int = 0, device_id: int = 0,
+                conv_algo_search: str = "exhaustive") -> "OrtOptions":
+        """The options ``generate`` and ``eval`` serve an engine with (one definition for both).
+
+        ``None`` means "the default": IO binding on, and CUDA graphs on whenever the provider is
+        a GPU one and IO binding is on (the fastest path measured, DESIGN.md §6). An explicit
+        combination that cannot work is refused with one line.
+
+        Args:
+            device: ``cpu`` or ``cuda`` (where the pipeline runs).
+            provider: ``auto`` (CUDA with ``--device cuda``, else CPU), ``cpu``, ``cuda`` or ``tensorrt``.
+            io_binding: ``--io-binding/--no-io-binding``; ``None``: on.
+            cuda_graph: ``--cuda-graph/--no-cuda-graph``; ``None``: on for a GPU provider with IO binding.
+            prefer_nhwc: ``--prefer-nhwc``.
+            threads: CPU provider threads.
+            device_id: GPU index.
+            conv_algo_search: ``--cudnn-search``.
+
+        Raises:
+            InvalidInputError: An impossible combination (e.g. ``--ort-provider cuda --device cpu``).
+        """
+        if device not in ("cpu", "cuda"):
+            raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")
+        if provider not in ("auto", *PROVIDERS):
+            raise InvalidInputError(f"invalid --ort-provider {provider!r}: choose auto, cpu, cuda or tensorrt")
+        if device == "cpu" and provider in ("cuda", "tensorrt"):
+            raise InvalidInputError(
+                f"--ort-provider {provider} needs --device cuda (the pipeline and the engine share the GPU)"
+            )
+        if provider == "auto":
+            provider = "cuda" if device == "cuda" else "cpu"
+        if cuda_graph and device != "cuda":
+            raise InvalidInputError("--cuda-graph needs --device cuda; drop --cuda-graph to run on the CPU")
+        io = True if io_binding is None else io_binding
+        graph = (provider != "cpu" and io) if cuda_graph is None else cuda_graph
+        return cls(provider=provider, threads=threads, device_id=device_id, io_binding=io, cuda_graph=graph,
+                   prefer_nhwc=prefer_nhwc, conv_algo_search=conv_algo_search)
 
 
 def _ort():
@@ -121,6 +174,39 @@ def _preload_cuda_libraries(ort) -> None:
             preload()
         except Exception as exc:  # pragma: no cover - depends on the GPU machine
             logger.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def tensorrt_provider_problem() -> str | None:
+    """Why ONNX Runtime's TensorRT provider cannot be used here, or ``None`` if it can.
+
+    ``get_available_providers()`` lists the TensorRT provider whenever onnxruntime-gpu was built
+    with it, even when TensorRT's own libraries are missing; ONNX Runtime then falls back to CUDA
+    when a session is created. So a one-node session is created with it: the providers that
+    session actually got say whether TensorRT's libraries load.
+    """
+    ort = _ort()
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return f"this ONNX Runtime has no TensorRT provider (available: {ort.get_available_providers()})"
+    import io
+
+    from onnx import TensorProto, helper
+
+    _preload_cuda_libraries(ort)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # the failure is the expected answer here, not a user-facing error
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            session = ort.InferenceSession(model.SerializeToString(), sess_options=so,
+                                           providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # pragma: no cover - depends on the GPU machine
+        return f"a TensorRT session could not be created ({' '.join(str(exc).split())[:200]})"
+    if "TensorrtExecutionProvider" not in session.get_providers():
+        return "TensorRT's libraries (libnvinfer) could not be loaded"
+    return None
 
 
 def providers_for(device_or_options: str | OrtOptions) -> list:
@@ -228,7 +314,73 @@ def make_session(path: str | Path, device: str = "cpu", threads: int = 0, optimi
             f"ONNX Runtime could not load its CUDA provider (session runs on {session.get_providers()}); "
             "install the CUDA 12/13 and cuDNN 9 libraries onnxruntime-gpu was built for, or use --device cpu"
         )
+    if opts.provider == "tensorrt" and "TensorrtExecutionProvider" not in session.get_providers():
+        raise MissingDependencyError(
+            "ONNX Runtime could not load its TensorRT provider (TensorRT's libraries are missing); "
+            "use --ort-provider cuda"
+        )
     return session
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphInfo:
+    """What a served ONNX file declares, read without creating a session.
+
+    Attributes:
+        inputs: Input name -> ONNX Runtime type string (``tensor(float16)``), in graph order.
+        output_name: The first output's name.
+        output_type: Its ONNX Runtime type string.
+        ops: Op-type counts.
+    """
+
+    inputs: dict[str, str]
+    output_name: str
+    output_type: str
+    ops: dict[str, int]
+
+    @property
+    def has_qdq(self) -> bool:
+        return any(self.ops.get(op) for op in QDQ_OPS)
+
+    @property
+    def cuda_only_ops(self) -> dict[str, int]:
+        return {op: n for op, n in sorted(self.ops.items()) if op in CUDA_ONLY_OPS}
+
+
+def graph_info(path: str | Path) -> GraphInfo:
+    """Inputs, output and op counts of an ONNX file (its external weights are not read)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    ort_type = lambda v: _ELEM_TO_ORT.get(v.type.tensor_type.elem_type, "tensor(float)")  # noqa: E731
+    inputs = {v.name: ort_type(v) for v in graph.input if v.name not in inits}
+    return GraphInfo(inputs=inputs, output_name=graph.output[0].name, output_type=ort_type(graph.output[0]),
+                     ops=dict(collections.Counter(n.op_type for n in graph.node)))
+
+
+def check_graph_serves(info: GraphInfo, opts: OrtOptions, label: str = "the engine") -> None:
+    """Refuse, with one line, a graph/options pair that ONNX Runtime would crash on or misrun.
+
+    * ``prefer_nhwc`` on a Q/DQ graph: the CUDA provider's NHWC layout transform mis-shapes
+      quantized convolutions ("Input channels C is not equal to kernel channels * group",
+      measured on an H200 with onnxruntime-gpu 1.31).
+    * A graph with CUDA-only contrib ops (the fused CUDA engine) on the CPU provider: session
+      creation would fail with "Could not find an implementation for GroupNorm".
+
+    Raises:
+        InvalidInputError: The combination cannot run.
+    """
+    if opts.prefer_nhwc and info.has_qdq:
+        raise InvalidInputError(
+            f"--prefer-nhwc cannot serve {label}: it is a Q/DQ graph, and ONNX Runtime's NHWC transform breaks "
+            "quantized convolutions; drop --prefer-nhwc (or serve the CUDA engine of `adm-export engine --device cuda`)"
+        )
+    if not opts.on_gpu and info.cuda_only_ops:
+        raise InvalidInputError(
+            f"{label} is a CUDA engine (fused ops {', '.join(info.cuda_only_ops)} run only on ONNX Runtime's CUDA "
+            "provider); serve it with --device cuda, or build a CPU engine with `adm-export engine --device cpu`"
+        )
 
 
 def torch_dtype(ort_type: str):
@@ -259,208 +411,3 @@ class OrtRunner:
             arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
             feed[name] = np.ascontiguousarray(arr.astype(self.input_types[name], copy=False))
         return self.session.run(self.output_names, feed)[0]
-
-
-class _GraphSlot:
-    """One static-shape session with the fixed buffers its captured CUDA graph reads and writes."""
-
-    def __init__(self, session, inputs: dict, output):
-        self.session = session
-        self.inputs = inputs
-        self.output = output
-        self.binding = session.io_binding()
-        for name, buf in inputs.items():
-            self.binding.bind_input(name, "cuda", buf.device.index or 0, _np_dtype(buf), list(buf.shape),
-                                    buf.data_ptr())
-        out_name = session.get_outputs()[0].name
-        self.binding.bind_output(out_name, "cuda", output.device.index or 0, _np_dtype(output), list(output.shape),
-                                 output.data_ptr())
-
-
-def _np_dtype(t):
-    import numpy as np
-
-    return {"torch.float16": np.float16, "torch.float32": np.float32, "torch.int64": np.int64,
-            "torch.int32": np.int32, "torch.float64": np.float64}[str(t.dtype)]
-
-
-class OrtEngine:
-    """An ONNX model served by ONNX Runtime, called with named torch tensors.
-
-    Args:
-        path: ONNX file.
-        spec: The denoiser spec (names the dynamic dimensions, gives the output shape).
-        options: Session settings.
-        session: An already created session (CPU or dynamic-shape CUDA path only).
-    """
-
-    def __init__(self, path: str | Path, spec, options: OrtOptions | None = None, session=None):
-        self.path = Path(path)
-        self.spec = spec
-        self.options = options or OrtOptions()
-        self.calls = 0
-        self._slots: collections.OrderedDict = collections.OrderedDict()
-        self._session = session
-        if self._session is None and not self.options.cuda_graph:
-            self._session = make_session(self.path, options=self.options)
-        probe = self._session or make_session(self.path, options=dataclasses.replace(
-            self.options, cuda_graph=False, provider="cpu", threads=1, optimization_level="disable"))
-        self.input_types = {i.name: i.type for i in probe.get_inputs()}
-        self.output_name = probe.get_outputs()[0].name
-        self.output_type = probe.get_outputs()[0].type
-        self._runner = OrtRunner(self._session) if self._session is not None else None
-
-    @property
-    def session(self):
-        """The dynamic-shape session (``None`` with ``cuda_graph``: sessions are per shape)."""
-        return self._session
-
-    def dims(self, inputs: dict) -> dict[str, int]:
-        """Values of the spec's dynamic dimensions (``batch``, ``frames``) in ``inputs``."""
-        dims: dict[str, int] = {}
-        for t in self.spec.inputs:
-            if t.name not in inputs:
-                continue
-            for axis, d in enumerate(t.shape):
-                if isinstance(d, str):
-                    dims.setdefault(d, int(inputs[t.name].shape[axis]))
-        return dims
-
-    def __call__(self, inputs: dict[str, Any]):
-        """Run one step; returns a torch tensor on the inputs' device in the graph's output dtype."""
-        import torch
-
-        self.calls += 1
-        first = next(iter(inputs.values()))
-        if not self.options.on_gpu:
-            return torch.from_numpy(self._runner(inputs)).to(first.device)
-        if self.options.cuda_graph:
-            return self._run_graph(inputs)
-        if not self.options.io_binding:
-            return torch.from_numpy(self._runner(inputs)).to(first.device)
-        return self._run_bound(inputs)
-
-    def _device(self):
-        import torch
-
-        return torch.device("cuda", self.options.device_id)
-
-    def _cast(self, inputs: dict) -> dict:
-        """The graph's inputs as contiguous tensors of the declared dtypes on the engine's GPU."""
-        dev = self._device()
-        return {name: inputs[name].to(device=dev, dtype=torch_dtype(t)).contiguous()
-                for name, t in self.input_types.items()}
-
-    def _empty_output(self, dims: dict[str, int]):
-        import torch
-
-        shape = self.spec.concrete_shape(self.spec.outputs[0].name, dims)
-        return torch.empty(shape, dtype=torch_dtype(self.output_type), device=self._device())
-
-    def _run_bound(self, inputs: dict):
-        import torch
-
-        feed = self._cast(inputs)
-        out = self._empty_output(self.dims(feed))
-        binding = self._session.io_binding()
-        for name, t in feed.items():
-            binding.bind_input(name, "cuda", self.options.device_id, _np_dtype(t), list(t.shape), t.data_ptr())
-        binding.bind_output(self.output_name, "cuda", self.options.device_id, _np_dtype(out), list(out.shape),
-                            out.data_ptr())
-        # ONNX Runtime runs on its own stream: torch's writes to the inputs must be finished.
-        torch.cuda.current_stream(self._device()).synchronize()
-        self._session.run_with_iobinding(binding)
-        return out
-
-    def graph_slot(self, dims: dict[str, int]) -> _GraphSlot:
-        """The static-shape session and buffers of ``dims`` (built, and its graph captured, on first use)."""
-        import torch
-
-        key = tuple(sorted(dims.items()))
-        slot = self._slots.get(key)
-        if slot is not None:
-            self._slots.move_to_end(key)
-            return slot
-        while len(self._slots) >= self.options.max_graph_sessions:
-            self._slots.popitem(last=False)
-        logger.info("ONNX Runtime: new CUDA-graph session for %s", dict(key))
-        session = make_session(self.path, options=self.options, static_dims=dict(dims))
-        bufs = {name: torch.zeros(self.spec.concrete_shape(name, dims), dtype=torch_dtype(t), device=self._device())
-                for name, t in self.input_types.items()}
-        slot = _GraphSlot(session, bufs, self._empty_output(dims))
-        self._slots[key] = slot
-        return slot
-
-    def _run_graph(self, inputs: dict):
-        import torch
-
-        dims = self.dims(inputs)
-        slot = self.graph_slot(dims)
-        for name, buf in slot.inputs.items():
-            buf.copy_(inputs[name])
-        torch.cuda.current_stream(self._device()).synchronize()
-        slot.session.run_with_iobinding(slot.binding)
-        # The next replay overwrites the output buffer: hand out a copy.
-        return slot.output.clone()
-
-
-def make_ort_denoiser(adapter, session_or_engine, options: OrtOptions | None = None, path: str | Path | None = None):
-    """An ``nn.Module`` that replaces ``adapter.denoiser`` and runs ONNX Runtime instead.
-
-    Args:
-        adapter: The model adapter whose denoiser is replaced.
-        session_or_engine: An :class:`OrtEngine`, an ``InferenceSession``, or ``None`` with ``path``.
-        options: Session settings when an engine is built here.
-        path: ONNX file when an engine is built here.
-
-    Returns:
-        A module with the denoiser's call signature; it returns the output in the dtype of the
-        pipeline's ``sample`` (an FP16 engine serves an FP32 pipeline and vice versa).
-    """
-    import torch
-
-    if isinstance(session_or_engine, OrtEngine):
-        engine = session_or_engine
-    elif session_or_engine is not None:
-        engine = OrtEngine(path or "<session>", adapter.denoiser_spec(), options, session=session_or_engine)
-    else:
-        engine = OrtEngine(path, adapter.denoiser_spec(), options)
-    original = adapter.denoiser
-
-    class OrtDenoiser(torch.nn.Module):
-        """The pipeline's denoiser, served by ONNX Runtime."""
-
-        def __init__(self):
-            super().__init__()
-            self.engine = engine
-            # The pipeline reads config (in_channels, sample_size), dtype and device.
-            self.config = original.config
-            self._dtype = next(original.parameters()).dtype
-            self._device = (torch.device("cuda", engine.options.device_id) if engine.options.on_gpu
-                            else torch.device("cpu"))
-
-        @property
-        def runner(self):  # kept for callers of the first version
-            return engine._runner
-
-        @property
-        def calls(self) -> int:
-            return engine.calls
-
-        @property
-        def dtype(self):
-            return self._dtype
-
-        @property
-        def device(self):
-            return self._device
-
-        def forward(self, *args, **kwargs):
-            inputs = adapter.inputs_from_call(args, kwargs)
-            sample = inputs[next(iter(inputs))]
-            out = engine(inputs).to(device=sample.device, dtype=sample.dtype)
-            if kwargs.get("return_dict", True) is False:
-                return (out,)
-            return adapter.wrap_output(out)
-
-    return OrtDenoiser()
