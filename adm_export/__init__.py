@@ -12,6 +12,7 @@ an input from an earlier stage is its folder or its result::
     build(BuildConfig)                                      -> BuildResult
     generate(GenerateConfig, out)                           -> GenerateResult
     bundle(BundleConfig)                                    -> BundleResult
+    serve(ServeConfig | RayServeConfig)                     -> None (serves until SIGTERM)
 
 Example (the embedded tiny model; a few seconds each on a CPU)::
 
@@ -44,11 +45,12 @@ from adm_export.version import __version__
 #: Module -> public names it provides.
 _import_structure: dict[str, list[str]] = {
     "adm_export.stages.api": ["calibrate", "quantize_model", "export_onnx", "export_baseline", "build_engines",
-                              "evaluate", "build", "generate", "bundle"],
+                              "evaluate", "build", "generate", "bundle", "serve"],
     "adm_export.config": ["CalibrationConfig", "QuantizeConfig", "ExportConfig", "FullPrecisionExportConfig",
                           "EngineConfig", "EvalConfig", "BuildConfig", "BundleConfig", "Precision", "Placement",
                           "EngineBackend", "SelectMethod"],
     "adm_export.stages.generate": ["GenerateConfig"],
+    "adm_export.serving.config": ["ServeConfig", "RayServeConfig"],
     "adm_export.stages.results": ["CalibrateResult", "QuantizeResult", "ExportResult", "EngineResult", "EvalResult",
                                   "BuildResult", "GenerateResult", "BundleResult"],
     "adm_export.errors": ["AdmExportError", "InvalidInputError", "ArtifactNotFoundError", "ManifestMismatchError",
@@ -68,8 +70,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names resolve l
                                    MissingDependencyError, ModelNotFoundError, OutOfMemoryError, OutputExistsError,
                                    OutputLockedError)
     from adm_export.models import load_model
+    from adm_export.serving.config import RayServeConfig, ServeConfig
     from adm_export.stages.api import (build, build_engines, bundle, calibrate, evaluate, export_baseline,
-                                       export_onnx, generate, quantize_model)
+                                       export_onnx, generate, quantize_model, serve)
     from adm_export.stages.generate import GenerateConfig
     from adm_export.stages.results import (BuildResult, BundleResult, CalibrateResult, EngineResult, EvalResult,
                                            ExportResult, GenerateResult, QuantizeResult)

@@ -554,6 +554,54 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
     click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
 
 
+@cli.command("serve")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0: every interface; put auth or a proxy in front).")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port, printed).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: ONNX Runtime's default).")
+@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each U-Net step as a captured CUDA graph.")
+@click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
+@click.option("--max-batch", type=int, default=None,
+              help="Most requests of the same length sampled in one U-Net batch [default: the bundle's limit].")
+@click.option("--max-wait-ms", type=FINITE, default=10.0, show_default=True,
+              help="How long a batch that is not full waits for the next request of its length (each "
+                   "arrival restarts it; at most max-batch times this).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Most requests waiting for a batch; beyond it: 503 with Retry-After.")
+@click.option("--timeout", "timeout_s", type=FINITE, default=300.0, show_default=True,
+              help="Per-request limit in seconds (504 after it; the work is dropped).")
+@click.option("--drain-timeout", "drain_timeout_s", type=FINITE, default=60.0, show_default=True,
+              help="On SIGTERM: seconds accepted requests may take to finish before the process exits.")
+@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
+              help="File holding a bearer token that /v1/generate then requires (read once, never logged).")
+@click.option("--ray", "use_ray", is_flag=True, help="Run under Ray Serve (pip install 'adm-export[ray]'), "
+              "one runtime per replica.")
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: fixed replica count.")
+@click.option("--min-replicas", type=int, default=None, help="With --ray: autoscaling lower bound.")
+@click.option("--max-replicas", type=int, default=None, help="With --ray: autoscaling upper bound (turns it on).")
+@click.option("--ray-address", default=None, help="With --ray: a running cluster (default: a local Ray instance).")
+@handle_errors
+def serve_cmd(bundle, host, port, device, threads, cuda_graph, prefer_nhwc, max_batch, max_wait_ms, max_queue,
+              timeout_s, drain_timeout_s, api_key_file, use_ray, replicas, min_replicas, max_replicas, ray_address):
+    """Serve a bundle over HTTP: POST /v1/generate -> WAV, GET /health, GET /metrics (SIGTERM drains)."""
+    from adm_export.serving.config import RayServeConfig, ServeConfig
+    from adm_export.stages import api
+
+    level = logging.getLevelName(logging.getLogger("adm_export").level).lower()
+    # An absolute path: Ray's replicas do not share this process's working directory.
+    cfg = ServeConfig(bundle=str(bundle.resolve()), host=host, port=port, device=device, threads=threads, cuda_graph=cuda_graph,
+                      prefer_nhwc=prefer_nhwc, max_batch=max_batch,
+                      max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
+                      drain_timeout_s=drain_timeout_s, api_key_file=api_key_file,
+                      log_level=level if level in ("debug", "info", "warning") else "info")
+    if use_ray:
+        cfg = RayServeConfig(serve=cfg, num_replicas=replicas, min_replicas=min_replicas if min_replicas is not None
+                             else 1, max_replicas=max_replicas)
+    api.serve(cfg, ray_address=ray_address)
+
+
 @cli.command("bundle")
 @click.argument("build_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -21,6 +21,7 @@ from typing import Any, Union
 
 from adm_export.config import (BuildConfig, BundleConfig, CalibrationConfig, EngineConfig, EvalConfig, ExportConfig,
                                FullPrecisionExportConfig, QuantizeConfig)
+from adm_export.serving.config import RayServeConfig, ServeConfig
 from adm_export.stages.generate import GenerateConfig
 from adm_export.stages.results import (BuildResult, BundleResult, CalibrateResult, EngineResult, EvalResult,
                                        ExportResult, GenerateResult, QuantizeResult)
@@ -207,3 +208,25 @@ def bundle(config: BundleConfig, *, adapter=None) -> BundleResult:
 
     out = Path(config.out)
     return run_stage(StageRun("bundle", out, config.force, all_ranks=False), lambda folder: work(config, adapter))
+
+
+def serve(config: ServeConfig | RayServeConfig, *, ray_address: str | None = None, runtime=None) -> None:
+    """Serve a bundle over HTTP (``POST /v1/generate``, ``/health``, ``/metrics``) until SIGTERM.
+
+    The first SIGTERM drains: new requests get 503 while accepted ones finish, then this returns.
+    Not a stage of the runner (it writes no folder and handles its own signals).
+
+    Args:
+        config: The service settings; a :class:`RayServeConfig` deploys them under Ray Serve (one
+            runtime per replica; needs ``pip install 'adm-export[ray]'``).
+        ray_address: With Ray: a running cluster (default: a local Ray instance).
+        runtime: An already loaded bundle runtime (plain HTTP only; default: loaded from ``config.bundle``).
+    """
+    if isinstance(config, RayServeConfig):
+        from adm_export.serving.ray_app import run_ray
+
+        run_ray(config, address=ray_address)
+        return
+    from adm_export.serving.server import serve as run
+
+    run(config, runtime=runtime)

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("calibrate", "quantize_model", "export_onnx", "export_baseline", "build_engines", "evaluate", "build",
-          "generate", "bundle")
+          "generate", "bundle", "serve")
 HEAVY = ("torch", "click", "numpy", "onnx", "onnxruntime", "diffusers", "modelopt")
 
 
@@ -38,7 +38,7 @@ def test_import_is_light_and_help_lists_the_stages():
     functions = r.stdout[r.stdout.index("FUNCTIONS"):]
     for name in STAGES:
         assert re.search(rf"^    {name}\(", functions, re.M), f"help(adm_export) does not list {name}"
-    for name in ("CalibrationConfig", "BuildConfig", "GenerateConfig", "EvalResult", "AdmExportError"):
+    for name in ("CalibrationConfig", "BuildConfig", "GenerateConfig", "ServeConfig", "EvalResult", "AdmExportError"):
         assert name in r.stdout
     assert r.stdout.strip().endswith("HEAVY []"), r.stdout[-300:]
 
@@ -62,7 +62,8 @@ def test_api_names_survive_importing_the_subpackages():
                 "import adm_export.stages.generate, adm_export.stages.bundle\n"
                 "assert isinstance(adm_export.quantize, types.ModuleType) and isinstance(adm_export.export, types.ModuleType)\n"
                 "assert (adm_export.quantize_model, adm_export.export_onnx) == f\n"
-                "for n in ('build', 'generate', 'bundle', 'calibrate', 'evaluate', 'build_engines'):\n"
+                "import adm_export.serving.server\n"
+                "for n in ('build', 'generate', 'bundle', 'serve', 'calibrate', 'evaluate', 'build_engines'):\n"
                 "    assert callable(getattr(adm_export, n)) and not isinstance(getattr(adm_export, n), types.ModuleType), n\n"
                 "print('ok')")
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -110,8 +110,15 @@ INPUT_CASES: list[tuple[str, str, list[str], str]] = [
     ("build", "zero", ["--steps", "0"], "--steps"),
 ]
 
-#: Commands that write no folder: their bad inputs (the same expectations, no --out).
+#: Commands that write no folder (inspect, compare, serve): their bad inputs (the same expectations, no
+#: --out; serve fails before it listens).
 OTHER_CASES: list[tuple[str, list[str], str]] = [
+    ("serve", ["serve", "{missing}"], "bundle"),
+    ("serve", ["serve", "{engines}"], "bundle"),  # another stage's artifact
+    ("serve", ["serve", "{corrupt_engines}"], "bundle"),
+    ("serve", ["serve", "{engines}", "--max-wait-ms", "nan"], "--max-wait-ms"),
+    ("serve", ["serve", "{engines}", "--port", "-1"], "--port"),
+    ("serve", ["serve", "{engines}", "--timeout", "0"], "--timeout"),
     ("inspect", ["inspect", "{missing}"], "FOLDER"),
     ("inspect", ["inspect", "{corrupt_calibration}"], "FOLDER"),
     ("compare", ["compare", "{build}", "--baseline", "{missing}"], "--baseline"),

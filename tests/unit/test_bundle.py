@@ -21,6 +21,12 @@ from tests.helpers import one_error_line, run
 # Measured on this CPU (see README "Bundle"): FP32 engine vs torch pipeline <= ~1e-6 latents,
 # ~1e-6 waveform; the tolerances leave two orders of magnitude for other CPUs and libraries.
 LATENT_TOL = 1e-4
+# Around an INT8 engine, the two samplers' ~1e-7 float differences (numpy vs torch CFG and DDIM
+# arithmetic) reach the engine's activation QuantizeLinear nodes, where a value on a rounding
+# boundary moves by a whole step (README, "Parity"): measured 2.1e-4 on the final latents of the
+# tiny INT8 build with the classic-attention export (waveform 8e-6). The sampler's own arithmetic is
+# held to LATENT_TOL by the FP32-engine comparisons above.
+LATENT_TOL_INT8 = 1e-3
 WAVE_TOL = 1e-3
 STEPS = 4
 FAMILY_MODELS = ["tiny-audioldm2", "tiny-tango", "tiny-make-an-audio", "reference-audioldm"]
@@ -135,7 +141,7 @@ def test_runtime_matches_the_pipeline_served_by_the_same_int8_engine(tiny_bundle
     got = rt.sample(reqs, [rt.initial_noise(r)[0] for r in reqs])
     for (lat, wav), r_lat, r_wav in zip(pipeline_reference(tiny_adapter, rt, reqs, denoiser), got.latents,
                                         got.waveforms):
-        assert rel_l2(r_lat, lat) < LATENT_TOL and rel_l2(r_wav, wav) < WAVE_TOL
+        assert rel_l2(r_lat, lat) < LATENT_TOL_INT8 and rel_l2(r_wav, wav) < WAVE_TOL
 
 
 @pytest.mark.parametrize("model_id", ["tiny-audioldm", "tiny-tango"])

@@ -358,7 +358,7 @@ def test_dockerfiles_and_compose_are_consistent():
     assert "ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:" in gpu and "FROM ${BASE_IMAGE}" in gpu
     assert '"/src[gpu]"' in gpu and "tensorrt" in gpu
     assert "ARG BASE_IMAGE=python:" in cpu and "FROM ${BASE_IMAGE}" in cpu
-    assert '"/src[tensorrt-rtx]"' in cpu and "whl/cpu" in cpu
+    assert '"/src[tensorrt-rtx,serve]"' in cpu and "whl/cpu" in cpu and "EXPOSE 8000" in cpu
     for text in (gpu, cpu):
         for line in text.splitlines():
             if line.startswith("COPY "):
@@ -366,10 +366,20 @@ def test_dockerfiles_and_compose_are_consistent():
                     assert (REPO / src).exists(), f"COPY source {src} missing"
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"gate-cpu", "gate-gpu"}
+    assert set(services) == {"gate-cpu", "gate-gpu", "serve-cpu"}
     for name, svc in services.items():
         assert (DOCKER / svc["build"]["context"] / svc["build"]["dockerfile"]).resolve().is_file(), name
-        assert any(v.endswith(":/cache") for v in svc["volumes"]), name
+        if name.startswith("gate-"):
+            assert any(v.endswith(":/cache") for v in svc["volumes"]), name
+    # The service: the CPU image running `adm-export serve` on a mounted bundle, reachable from the
+    # host's loopback only, healthy only when /health answers 200, SIGTERM given time to drain.
+    serve = services["serve-cpu"]
+    assert serve["build"]["dockerfile"] == "docker/Dockerfile.cpu" and serve["image"] == "adm-export:cpu"
+    assert serve["command"][-1].startswith("exec adm-export serve /bundle --host 0.0.0.0 --port 8000")
+    assert any(v.endswith(":/bundle:ro") for v in serve["volumes"])
+    assert all(p.startswith("127.0.0.1:") and p.endswith(":8000") for p in serve["ports"])
+    assert "http://127.0.0.1:8000/health" in " ".join(serve["healthcheck"]["test"])
+    assert serve["stop_signal"] == "SIGTERM" and int(serve["stop_grace_period"].rstrip("s")) > 60
     devices = services["gate-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "adm-cache" in compose["volumes"]
@@ -429,12 +439,11 @@ def _local_base_image(tmp: Path) -> str:
     return BASE_TAG
 
 
-@pytest.mark.slow
-def test_cpu_image_builds_and_runs_the_gate(tmp_path):
-    """Build docker/Dockerfile.cpu with buildah from a local Debian base; run adm-ci-gate inside."""
+def build_cpu_image(tmp: Path) -> str:
+    """Build docker/Dockerfile.cpu with buildah from a local Debian base (layers cached); returns its tag."""
     if shutil.which("buildah") is None:
         pytest.skip("no rootless image builder (apt-get install buildah)")
-    base = _local_base_image(tmp_path)
+    base = _local_base_image(tmp)
     args = ["bud", "--format", "docker", "--isolation", "chroot", "--network", "host", "--layers",
             "--build-arg", f"BASE_IMAGE={base}", "-f", "docker/Dockerfile.cpu", "-t", IMAGE_TAG]
     # Use the machine's pip set-up: its certificate bundle (TLS-intercepting proxies) and a local
@@ -446,7 +455,13 @@ def test_cpu_image_builds_and_runs_the_gate(tmp_path):
     if Path(links).is_dir() and list(Path(links).glob("torch-*+cpu-*.whl")):
         args += ["-v", f"{links}:/wheels:ro", "--build-arg", "PIP_FIND_LINKS=/wheels", "--build-arg", "TORCH_INDEX_URL="]
     _buildah(*args, ".", cwd=REPO, timeout=3600)
+    return IMAGE_TAG
 
+
+@pytest.mark.slow
+def test_cpu_image_builds_and_runs_the_gate(tmp_path):
+    """Build docker/Dockerfile.cpu with buildah from a local Debian base; run adm-ci-gate inside."""
+    build_cpu_image(tmp_path)
     cache, out = tmp_path / "cache", tmp_path / "out"
     for d in (cache, out):
         d.mkdir()

@@ -13,9 +13,9 @@ Layers, lowest first (README "Development" states the same order):
     engines     engines/
     eval        eval/ (embedders, FD statistics, gate, scoring, harness, report, figures)
     runtime     runtime/ (the torch-free bundle runtime, when it lands)
-    stages      stages/ (the runner, the public stage functions, build, generate, bundle), inspect,
-                ci_gate; reference/ (corpus and training recipe: tooling on top of the runtime, which no
-                runtime module imports)
+    stages      stages/ (the runner, the public stage functions, build, generate, bundle), serving/,
+                inspect, ci_gate; reference/ (corpus and training recipe: tooling on top of the runtime,
+                which no runtime module imports)
     api         the package root: the lazy public API (names resolve on first use)
     cli         cli, __main__
 
@@ -48,7 +48,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("adm_export.engines",)),
     ("eval", ("adm_export.eval",)),
     ("runtime", ("adm_export.runtime",)),
-    ("stages", ("adm_export.stages", "adm_export.inspect", "adm_export.ci_gate", "adm_export.reference")),
+    ("stages", ("adm_export.stages", "adm_export.serving", "adm_export.inspect", "adm_export.ci_gate",
+                "adm_export.reference")),
     # The root is the lazy public API: its names come from the stages (the reader sees its
     # TYPE_CHECKING imports as nothing; it resolves them with importlib on first use).
     ("api", ("adm_export",)),
