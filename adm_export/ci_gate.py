@@ -408,3 +408,42 @@ def format_markdown(result: GateResult, title: str = "adm-export quality gate") 
         lines.append(f"| {r.metric} | {r.baseline} | {r.current} | {r.delta} | {r.limit} | {status} |")
     lines += [""] + [f"- {n}" for n in result.notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def check_outputs(summary: str | Path | None = None, json_out: str | Path | None = None,
+                  baseline: str | Path | None = None) -> None:
+    """Refuse output files that cannot be written before anything is compared or printed."""
+    from adm_export.artifacts import check_file_out
+
+    for path, flag in ((summary, "--summary"), (json_out, "--json-out"), (baseline, "--baseline")):
+        if path is not None:
+            check_file_out(path, flag)
+
+
+def write_baseline(build_dir: str | Path, baseline: str | Path, build_args: list[str] | tuple[str, ...] = ()) -> None:
+    """Write ``build_dir``'s report, with its protocol and ``build_args``, as the baseline file."""
+    from adm_export.artifacts import write_json
+
+    check_outputs(baseline=baseline)
+    write_json(baseline, make_baseline(build_dir, build_args))
+
+
+def run_gate(build_dir: str | Path, baseline: str | Path, tol: GateTolerances = GateTolerances(),
+             summary: str | Path | None = None, json_out: str | Path | None = None) -> GateResult:
+    """Compare a build folder with a baseline file; also write the Markdown table and the JSON result.
+
+    Raises:
+        ArtifactNotFoundError / InvalidInputError / BaselineMismatchError: one line each, before
+            anything is written.
+    """
+    from adm_export.artifacts import write_json, write_text
+
+    check_outputs(summary, json_out)
+    base = load_baseline(baseline)
+    report, settings = load_build(build_dir)
+    result = compare(report, settings, base, tol, baseline_path=baseline)
+    if summary is not None:
+        write_text(summary, format_markdown(result))
+    if json_out is not None:
+        write_json(json_out, {**result.to_dict(), "baseline": str(baseline), "build": str(build_dir)})
+    return result
