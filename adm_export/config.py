@@ -63,19 +63,21 @@ def _positive(flag: str, value: int) -> None:
         raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
 
 
-def check_device(device: str, flag: str = "--device", available: bool = False) -> str:
-    """The one check of a device (configs, embedders, exports); returns it.
+def check_device(device: str, flag: str = "--device", available: bool = False, index: bool = False) -> str:
+    """The one check of a device (configs, embedders, exports, sessions, the runtime); returns it.
 
     Args:
-        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``cpu`` or ``cuda`` (``cuda:N`` too where ``index`` is set).
         flag: The option that set it, for the message.
         available: Also refuse ``cuda`` when torch sees no CUDA device (imports torch; configs
             leave this off so that bad options are refused without importing torch).
+        index: Accept ``cuda:N``.
 
     Raises:
         InvalidInputError: Not a device name, or (``available``) CUDA is not available.
     """
-    if not isinstance(device, str) or (device not in DEVICES and not device.startswith("cuda:")):
+    indexed = index and isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()
+    if not isinstance(device, str) or (device not in DEVICES and not indexed):
         raise InvalidInputError(f"invalid {flag} {device!r}: choose {' or '.join(DEVICES)}")
     if available and device.startswith("cuda"):
         import torch
@@ -83,7 +85,6 @@ def check_device(device: str, flag: str = "--device", available: bool = False) -
         if not torch.cuda.is_available():
             raise InvalidInputError(f"{flag} {device} but torch sees no CUDA device; use {flag} cpu")
     return device
-
 
 
 def check_finite(cfg: Any, flags: dict[str, str]) -> None:

@@ -170,7 +170,7 @@ def get_embedder(name: str, checkpoint: str | None = None, device: str = "cpu") 
 
         return LogMelEmbedder()
 
-    check_device(device, available=True)
+    check_device(device, available=True, index=True)
     if key == "reference-clap":
         from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder
 
