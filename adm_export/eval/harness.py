@@ -178,7 +178,7 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     """
     from adm_export import distributed as dist
     from adm_export.artifacts import manifest_digest
-    from adm_export.engines.memory import check_attention_memory
+    from adm_export.engines.memory import attention_materialized, check_attention_memory, score_bytes
     from adm_export.engines.onnxruntime import OrtOptions
     from adm_export.engines.stage import load_ort_denoiser, served_graph
     from adm_export.eval.embedders import get_embedder
@@ -192,8 +192,10 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
     options = OrtOptions.serving(cfg.device, device_id=dist.local_rank())
     served_graph(engine_dir, options, manifest)  # a CPU engine on --device cuda etc.: one line, before any work
     adapter = adapter or load_model(model_id or manifest["model"]["id"], cfg.device)
-    check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds),
-                           min(CHUNK, cfg.num_clips) * (2 if cfg.guidance_scale > 1 else 1), cfg.device, "--eval-seconds")
+    if attention_materialized(manifest, cfg.device):  # a length whose attention cannot fit: one line, now
+        check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds),
+                               min(CHUNK, cfg.num_clips) * (2 if cfg.guidance_scale > 1 else 1), cfg.device,
+                               "--eval-seconds", value_bytes=score_bytes(manifest, cfg.device))
     denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device, options=options)
     defaults = model_defaults(adapter.model_id)
     embedder = embedder or get_embedder(cfg.embedder or defaults["embedder"], checkpoint=cfg.embedder_checkpoint,

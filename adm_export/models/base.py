@@ -141,8 +141,8 @@ class ModelAdapter(abc.ABC):
                  guidance_scale: float) -> list:
         """Run the sampler: one waveform (numpy float32) per prompt, each from its own seed."""
 
-    def attention_bytes(self, rows: int, seconds: float) -> int | None:
-        """Bytes of the largest self-attention score matrix one denoiser call holds (FP32).
+    def attention_bytes(self, rows: int, seconds: float, value_bytes: int = 4) -> int | None:
+        """Bytes of the largest self-attention score matrix one denoiser call holds.
 
         An exported U-Net computes attention as MatMul -> Softmax -> MatMul (ONNX Runtime, also
         its fused kernels on the CPU), holding ``rows x heads x tokens x tokens`` scores, where
@@ -153,6 +153,7 @@ class ModelAdapter(abc.ABC):
         Args:
             rows: Batch rows of one call (prompts x 2 with classifier-free guidance).
             seconds: Audio length.
+            value_bytes: Bytes per score (4: FP32, 2: an FP16 engine).
         """
         return None
 
@@ -256,7 +257,7 @@ class DiffusersUNetAdapter(ModelAdapter):
         samples = target * self.pipeline.vae_scale_factor * self.vocoder_hop() + 0.5
         return samples / self.sampling_rate
 
-    def attention_bytes(self, rows: int, seconds: float) -> int | None:
+    def attention_bytes(self, rows: int, seconds: float, value_bytes: int = 4) -> int | None:
         # The diffusers U-Nets (UNet2DConditionModel and AudioLDM2's) attend in their CrossAttn
         # blocks; level i runs at 1/2**i of the latent's size. ``attention_head_dim`` is the number
         # of heads there unless ``num_attention_heads`` is set (diffusers' legacy naming).
@@ -272,7 +273,8 @@ class DiffusersUNetAdapter(ModelAdapter):
         levels = [i for i, b in enumerate(blocks) if "Attn" in b]
         if "Attn" in str(cfg.get("mid_block_type") or ""):
             levels.append(len(blocks) - 1)
-        sizes = [rows * heads[i] * (-(-frames // 2 ** i) * max(1, width // 2 ** i)) ** 2 * 4 for i in levels]
+        sizes = [rows * heads[i] * (-(-frames // 2 ** i) * max(1, width // 2 ** i)) ** 2 * value_bytes
+                 for i in levels]
         return max(sizes) if sizes else 0
 
     def pipeline_latent_frames(self, seconds: float) -> int:

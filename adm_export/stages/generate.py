@@ -215,12 +215,13 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     engine_info = None
     denoiser = None
     if cfg.engine_dir:
-        from adm_export.engines.memory import check_attention_memory
+        from adm_export.engines.memory import attention_materialized, check_attention_memory, score_bytes
 
         # A length whose attention cannot fit is refused before the engine is loaded.
-        rows = min(cfg.batch_size, len(prompts)) * (2 if cfg.guidance_scale > 1 else 1)
-        check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds), rows, cfg.device, "--seconds",
-                               "--batch-size")
+        if attention_materialized(manifest, cfg.device):
+            rows = min(cfg.batch_size, len(prompts)) * (2 if cfg.guidance_scale > 1 else 1)
+            check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds), rows, cfg.device, "--seconds",
+                                   "--batch-size", score_bytes(manifest, cfg.device))
         t0 = time.perf_counter()
         denoiser, manifest = load_ort_denoiser(cfg.engine_dir, adapter, cfg.device, cfg.threads, options=options)
         startup["engine_load"] = time.perf_counter() - t0

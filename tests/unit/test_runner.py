@@ -157,3 +157,15 @@ def test_attention_memory_refuses_a_length_that_cannot_fit(tiny_adapter, monkeyp
     fits = float(re.search(r"at most ([\d.]+) s", str(info.value)).group(1))
     assert tiny_adapter.attention_bytes(2, fits) <= 2e9 < tiny_adapter.attention_bytes(2, fits + 0.5)
     memory.check_attention_memory(tiny_adapter, 2.56, 2, "cpu", "--seconds")  # fits: no error
+
+
+def test_which_engines_hold_attention_scores():
+    """The CPU engine (the export as it is) holds score matrices; the fused CUDA engine does not."""
+    from adm_export.engines.memory import attention_materialized, score_bytes
+
+    cpu = {"precision": "int8", "report": {"engines": {"onnxruntime": {"graph": "export"}}}}
+    fused = {"precision": "fp16", "report": {"engines": {"onnxruntime": {"fusions": {"MultiHeadAttention": 32}}}}}
+    unfused = {"precision": "fp16", "report": {"engines": {"onnxruntime": {"fusions": {"MultiHeadAttention": 0}}}}}
+    assert attention_materialized(cpu, "cpu") and attention_materialized(unfused, "cuda")
+    assert not attention_materialized(fused, "cuda")
+    assert (score_bytes(cpu, "cpu"), score_bytes(fused, "cuda"), score_bytes(unfused, "cpu")) == (4, 2, 2)
