@@ -27,9 +27,10 @@ from typing import Any
 
 import click
 
-from adm_export.config import (DEFAULT_MODEL, DEVICES, BundleConfig, CalibrationConfig, EngineBackend, EngineConfig,
+from adm_export.config import (DEFAULT_MODEL, BundleConfig, CalibrationConfig, EngineBackend, EngineConfig,
                                EvalConfig, ExportConfig, FullPrecisionExportConfig, Placement, Precision,
                                QuantizeConfig, SelectMethod)
+from adm_export.devices import DEVICES
 from adm_export.errors import AdmExportError
 from adm_export.formats.capabilities import Target
 from adm_export.serving.config import ServeConfig  # the serving package's own config (see its module)
@@ -445,7 +446,7 @@ def build(model, out, force, engine, run_eval, device, **values):
         calibration=CALIBRATION.config(values, model=model, device=device),
         quantize=QUANTIZE.config(values, **_precision(values), device=device,
                                  target=values["target"] or default_target(engine, device)),
-        export=ExportConfig(placement=values["placement"]),
+        export=ExportConfig(placement=values["placement"], device=device),
         engine=EngineConfig(backend=engine, device=device),
         eval=EVAL.config(values, device=device, captions_file=values["captions"]) if run_eval else None,
     )
@@ -518,10 +519,11 @@ def quantize(model, calibration, out, force, device, **values):
 @stage_input("--calibration", "calibration", "Calibration cache (parity inputs).", "-c")
 @out_options()
 @options(EXPORT)
+@device_option(help="Where torch traces the quantized model and runs its side of the parity check.")
 @handle_errors
-def export_cmd(quantized, calibration, out, force, **values):
+def export_cmd(quantized, calibration, out, force, device, **values):
     """Export the quantized denoiser to ONNX (Q/DQ, INT8 weights) and check parity in ONNX Runtime."""
-    result = _api().export_onnx(EXPORT.config(values), quantized, calibration, out, force=force)
+    result = _api().export_onnx(EXPORT.config(values, device=device), quantized, calibration, out, force=force)
     s, p = result.manifest["sizes"], result.manifest["parity"]
     click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
                f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "

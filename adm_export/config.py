@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 from adm_export.formats.capabilities import parse_target
 from adm_export.formats.recipes import Precision
@@ -54,37 +55,9 @@ class Placement(str, enum.Enum):
     ONNXRUNTIME = "onnxruntime"
 
 
-#: Devices every stage runs on (``--device``).
-DEVICES = ("cpu", "cuda")
-
-
 def _positive(flag: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
-
-
-def check_device(device: str, flag: str = "--device", available: bool = False, index: bool = False) -> str:
-    """The one check of a device (configs, embedders, exports, sessions, the runtime); returns it.
-
-    Args:
-        device: ``cpu`` or ``cuda`` (``cuda:N`` too where ``index`` is set).
-        flag: The option that set it, for the message.
-        available: Also refuse ``cuda`` when torch sees no CUDA device (imports torch; configs
-            leave this off so that bad options are refused without importing torch).
-        index: Accept ``cuda:N``.
-
-    Raises:
-        InvalidInputError: Not a device name, or (``available``) CUDA is not available.
-    """
-    indexed = index and isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()
-    if not isinstance(device, str) or (device not in DEVICES and not indexed):
-        raise InvalidInputError(f"invalid {flag} {device!r}: choose {' or '.join(DEVICES)}")
-    if available and device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InvalidInputError(f"{flag} {device} but torch sees no CUDA device; use {flag} cpu")
-    return device
 
 
 def check_finite(cfg: Any, flags: dict[str, str]) -> None:
@@ -160,7 +133,7 @@ class CalibrationConfig:
             raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
         if self.guidance_scale < 0:
             raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
-        check_device(self.device)
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +188,7 @@ class QuantizeConfig:
             raise InvalidInputError(f"invalid --sensitivity-frames {self.sensitivity_frames!r}: must be >= 0 (0: full)")
         if self.trajectory_check < 0:
             raise InvalidInputError(f"invalid --trajectory-check {self.trajectory_check!r}: must be >= 0 (0: off)")
-        check_device(self.device)
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,17 +199,21 @@ class ExportConfig:
         opset: ONNX opset (INT8 Q/DQ needs >= 13; per-channel weights with axis >= 13).
         placement: Q/DQ placement for the serving target.
         parity_points: Number of cached inputs on which ONNX Runtime is compared with torch.
+        device: Where torch traces the quantized model and runs its side of the parity check
+            (``cpu`` or ``cuda``; ONNX Runtime's side runs on the CPU either way).
     """
 
     opset: int = 17
     placement: Placement = Placement.TENSORRT
     parity_points: int = 4
+    device: str = "cpu"
 
     def __post_init__(self):
         object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
         if self.opset < 13:
             raise InvalidInputError(f"invalid --opset {self.opset}: Q/DQ export needs opset >= 13")
         _positive("--parity-points", self.parity_points)
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +238,7 @@ class EngineConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "backend", parse_enum(EngineBackend, self.backend, "--engine"))
-        check_device(self.device)
+        check_device(self.device, available=False)
         if not isinstance(self.threads, int) or self.threads < 0:
             raise InvalidInputError(f"invalid --threads {self.threads!r}: must be >= 0 (0: all cores)")
         if not 0 < self.parity_tolerance < 1:
@@ -326,7 +303,7 @@ class EvalConfig:
             raise InvalidInputError(f"invalid --max-fd-increase {self.max_fd_increase}: must be >= 0")
         if self.max_drift is not None and self.max_drift < 0:
             raise InvalidInputError(f"invalid --max-drift {self.max_drift}: must be >= 0")
-        check_device(self.device)
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +331,7 @@ class FullPrecisionExportConfig:
         check_finite(self, {"audio_seconds": "--seconds"})
         if self.opset < 13:
             raise InvalidInputError(f"invalid --opset {self.opset}: the export needs opset >= 13")
-        check_device(self.device)
+        check_device(self.device, available=False)
         if self.audio_seconds <= 0:
             raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
 

@@ -392,10 +392,14 @@ def check_nproc(nproc: int, device: str) -> None:
     if device == "cuda":
         import torch
 
+        from adm_export.devices import check_device
+
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if nproc > gpus:
-            raise InvalidInputError(f"--nproc {nproc} needs {nproc} GPUs but {gpus} are visible; "
-                                    f"use --nproc {max(gpus, 1)} or fewer")
+        if nproc == 1:
+            check_device(device)  # no GPU at all: say so (not "--nproc 1 needs 1 GPUs")
+        elif nproc > gpus:
+            fix = f"use --nproc {gpus} or fewer" if gpus else "use --device cpu, or a machine with GPUs"
+            raise InvalidInputError(f"--nproc {nproc} needs {nproc} GPUs but {gpus} are visible; {fix}")
 
 
 def torchrun_command(nproc: int, args: Sequence[str]) -> list[str]:

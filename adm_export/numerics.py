@@ -23,15 +23,24 @@ def import_modelopt():
 
 
 def rel_l2(a, b) -> float:
-    """Relative L2 error ``||a - b|| / ||b||`` (float64)."""
-    a = a.detach().double()
-    b = b.detach().double()
+    """Relative L2 error ``||a - b|| / ||b||`` (float64, on the CPU: ``a`` and ``b`` may live on
+    different devices, e.g. an ONNX Runtime output on the host against a torch output on the GPU)."""
+    import torch
+
+    a = a.detach().to("cpu", torch.float64)
+    b = b.detach().to("cpu", torch.float64)
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def run_denoiser(adapter, module, inputs: dict):
-    """One denoiser call on named inputs (spec order), returning the output tensor."""
+    """One denoiser call on named inputs (spec order), returning the output tensor.
+
+    The inputs (typically cached on the CPU) are moved to the module's device and dtype first
+    (:func:`adm_export.devices.to_module`); the output stays on the module's device.
+    """
     import torch
 
+    from adm_export.devices import to_module
+
     with torch.inference_mode():
-        return adapter.export_module(module)(*inputs.values())
+        return adapter.export_module(module)(*to_module(inputs, module).values())

@@ -18,6 +18,21 @@ TINY_ARGS = [
 ]
 
 
+def pytest_addoption(parser):
+    # Here (not in tests/gpu/conftest.py) so the option exists for every `pytest tests...` call.
+    parser.addoption("--gpu-report", metavar="PATH", default=None,
+                     help="Write the run's result (card, commit, versions, outcome and seconds per test) to "
+                          "PATH.json and PATH.md (tests/gpu/report.py).")
+
+
+def pytest_configure(config):
+    path = config.getoption("--gpu-report")
+    if path:
+        from tests.gpu.report import GpuReport
+
+        config.pluginmanager.register(GpuReport(path), "adm-gpu-report")
+
+
 @pytest.fixture(scope="session")
 def tiny_build(tmp_path_factory):
     """Run ``adm-export build`` on tiny-audioldm through the CLI; returns (out_dir, result, report)."""

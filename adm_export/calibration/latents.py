@@ -43,6 +43,7 @@ from adm_export.calibration.prompts import build_prompt_set
 from adm_export.calibration.selection import select_activation, summarize
 from adm_export.calibration.stats import ActivationStats, StatsRecorder
 from adm_export.config import CalibrationConfig, SelectMethod, to_dict
+from adm_export.devices import exact_float32
 from adm_export.errors import InvalidInputError
 from adm_export.progress import progress
 
@@ -218,6 +219,7 @@ def _kept_of(units: Sequence[dict]) -> tuple[dict, dict]:
     return kept, hashes
 
 
+@exact_float32()  # the cache holds the FP32 model's own trajectories, on any device
 def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adapter=None) -> dict | None:
     """Run the ``calibrate`` stage: prompts -> sampler trajectories -> selected points -> cache.
 

@@ -200,21 +200,17 @@ def _ort_cuda_engine(cfg: EngineConfig, onnx_path: Path, onnx_manifest: dict, or
 
 
 def _torch_reference(adapter):
-    """``inputs -> numpy``: the adapter's FP32 denoiser on its own device."""
-    import torch
+    """``inputs -> numpy``: the adapter's FP32 denoiser on its own device, in IEEE FP32.
 
-    module = adapter.export_module(adapter.denoiser).eval()
-    device = next(adapter.denoiser.parameters()).device
+    A true FP32 reference: no TF32 in cuDNN convolutions or cuBLAS matmuls on the GPU
+    (:func:`adm_export.devices.exact_float32`); the inputs follow the denoiser (``run_denoiser``).
+    """
+    from adm_export.devices import exact_float32
+    from adm_export.numerics import run_denoiser
 
     def run(inputs: dict):
-        # A true FP32 reference: no TF32 in cuDNN convolutions or cuBLAS matmuls on the GPU.
-        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        try:
-            with torch.inference_mode():
-                return module(*(v.to(device) for v in inputs.values())).float().cpu().numpy()
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with exact_float32():
+            return run_denoiser(adapter, adapter.denoiser, inputs).float().cpu().numpy()
 
     return run
 

@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_manifest
-from adm_export.config import FullPrecisionExportConfig, check_device, to_dict
+from adm_export.config import FullPrecisionExportConfig, to_dict
+from adm_export.devices import check_device
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def export_full_precision(cfg: FullPrecisionExportConfig, out: str | Path, adapt
     from adm_export.numerics import rel_l2
     from adm_export.models import load_model
 
-    check_device(cfg.device, available=True)
+    check_device(cfg.device)
     # 1. The module in the export dtype, on the tracing device.
     adapter = adapter or load_model(cfg.model)
     spec = adapter.denoiser_spec()

@@ -18,6 +18,7 @@ from pathlib import Path
 from adm_export.artifacts import atomic_dir, manifest_digest, read_manifest, write_manifest
 from adm_export.calibration.cache import load_cache, parity_points
 from adm_export.config import ExportConfig, Placement, to_dict
+from adm_export.devices import exact_float32, to_module
 from adm_export.errors import InvalidInputError
 from adm_export.export import onnx_graph
 from adm_export.formats.policy import LayerPlan
@@ -315,6 +316,7 @@ def export_opset(cfg_opset: int, plans, codecs: dict) -> int:
     return max(cfg_opset, STANDARD_LOWBIT_OPSET) if lowbit else cfg_opset
 
 
+@exact_float32()  # parity compares against FP32 ONNX Runtime: no TF32 in the torch side
 def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calibration: str | Path,
                 force: bool = False, adapter=None) -> dict:
     """Run the ``export`` stage.
@@ -336,7 +338,7 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     # 1. The quantized model and the inputs to check it on.
     q_manifest = read_manifest(quantized, "quantized", "--quantized")
     if adapter is None:
-        adapter = load_model(q_manifest["model"]["id"])
+        adapter = load_model(q_manifest["model"]["id"], cfg.device)
     model, _ = load_quantized(quantized, adapter)
     q_placement = q_manifest.get("placement", Placement.TENSORRT.value)
     if q_placement != cfg.placement.value:
@@ -355,7 +357,7 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     with atomic_dir(out, force=force) as tmp:
         # 2. Export (weights = their fake-quant values, activation Q/DQ from ModelOpt), then store
         #    each quantized weight as low-bit codes feeding DequantizeLinear.
-        graph, fold, raw_bytes = build_onnx(adapter, model, plans, codecs, opset, points[0], tmp,
+        graph, fold, raw_bytes = build_onnx(adapter, model, plans, codecs, opset, to_module(points[0], model), tmp,
                                              cfg.placement)
         path = tmp / ONNX_FILE
         export_bytes = save_onnx(graph, path)

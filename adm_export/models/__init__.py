@@ -85,9 +85,12 @@ def load_model(model_id: str, device: str = "cpu", revision: str | None = None) 
     Raises:
         ModelNotFoundError: Unknown name, a folder that is not a supported diffusers pipeline, or
             a hub id that cannot be reached.
+        InvalidInputError: ``device`` is ``cuda`` and torch sees no CUDA GPU.
     """
+    from adm_export.devices import check_device
     from adm_export.models.embedded import EMBEDDED
 
+    check_device(device, index=True)
     if model_id in EMBEDDED:
         family, build = EMBEDDED[model_id]
         pipeline = build()

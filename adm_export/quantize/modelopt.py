@@ -53,6 +53,7 @@ def output_quantized_layers(plans, placement) -> list[str]:
 
 def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"):
     """Quantize a copy of the denoiser with explicit per-layer plans, calibrated on ``points``."""
+    from adm_export.devices import to_module
     from adm_export.formats import policy as pol
 
     mtq, _ = import_modelopt()
@@ -61,7 +62,7 @@ def quantize_with_plans(adapter, points: list[dict], plans, placement="tensorrt"
     def forward_loop(m):
         wrapped = adapter.export_module(m)
         for inputs in progress(points, desc="quantize: calibrating", unit="point"):
-            wrapped(*inputs.values())
+            wrapped(*to_module(inputs, m).values())
 
     import torch
 

@@ -419,6 +419,10 @@ def denoising_batches(adapter, points: list[dict], references: list, seed: int =
     alpha at the point's timestep), fresh seeded noise gives ``x_t' = sqrt(a) x0 + sqrt(1 - a) n``,
     and the target is the noise (epsilon prediction) or the velocity (v prediction).
 
+    The batches are computed where the references live (the model's device): the points (cached
+    on the CPU) and the scheduler's ``alphas_cumprod`` are moved there; the fresh noise is drawn on
+    the CPU from ``seed`` (the same batches on any device) and moved too.
+
     Returns:
         ``(batches, loss_name)``; without a scheduler with ``alphas_cumprod`` or ``sample``/
         ``timestep`` inputs, the batches target the full-precision outputs and the name says so.
@@ -434,16 +438,20 @@ def denoising_batches(adapter, points: list[dict], references: list, seed: int =
     g = torch.Generator().manual_seed(seed)
     batches = []
     for p, ref in zip(points, references):
-        x = p["sample"].float()
-        t = p["timestep"].reshape(-1).long().clamp(0, len(alphas) - 1)
-        a = alphas[t].float().reshape(-1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
+        dev = ref.device
+        x = p["sample"].to(dev, torch.float32)
+        t = p["timestep"].reshape(-1).long().clamp(0, len(alphas) - 1).to(alphas.device)
+        a = alphas[t].to(dev, torch.float32).reshape(-1, *([1] * (x.dim() - 1))).expand(
+            x.shape[0], *([1] * (x.dim() - 1)))
         sa, sb = a.sqrt(), (1 - a).sqrt()
         pred = ref.float()
         eps = pred if kind == "epsilon" else sa * pred + sb * x
         x0 = (x - sb * eps) / sa
-        noise = torch.randn(x.shape, generator=g)
+        noise = torch.randn(x.shape, generator=g).to(dev)
         target = noise if kind == "epsilon" else sa * noise - sb * x0
-        batches.append({"inputs": dict(p, sample=(sa * x0 + sb * noise).to(p["sample"].dtype)), "target": target})
+        inputs = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+        inputs["sample"] = (sa * x0 + sb * noise).to(p["sample"].dtype)
+        batches.append({"inputs": inputs, "target": target})
     return batches, f"denoising loss ({kind} target) on re-noised cached points"
 
 
@@ -466,6 +474,7 @@ def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict
 
     import torch
 
+    from adm_export.devices import to_module
     from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
 
     mtq, _ = import_modelopt()
@@ -475,10 +484,10 @@ def auto_quantize_comparison(adapter, points: list[dict], eval_points: list[dict
     batches, loss_name = denoising_batches(adapter, points, refs)
 
     def forward_step(m, batch):
-        return adapter.export_module(m)(*batch["inputs"].values())
+        return adapter.export_module(m)(*to_module(batch["inputs"], m).values())
 
     def loss_func(output, batch):
-        return torch.nn.functional.mse_loss(output.float(), batch["target"].float())
+        return torch.nn.functional.mse_loss(output.float(), batch["target"].to(output.device, torch.float32))
 
     try:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \

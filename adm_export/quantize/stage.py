@@ -17,6 +17,7 @@ from pathlib import Path
 from adm_export.artifacts import atomic_dir, manifest_digest, read_manifest, write_manifest
 from adm_export.calibration.cache import load_cache, parity_indices
 from adm_export.config import QuantizeConfig, to_dict
+from adm_export.devices import exact_float32
 from adm_export.formats import recipes
 from adm_export.formats.policy import summary as pol_summary
 from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
@@ -27,6 +28,7 @@ from adm_export.quantize.search import search_mixed
 logger = logging.getLogger(__name__)
 
 
+@exact_float32()  # quantization errors and sensitivities are ~1e-2: no TF32 noise in them
 def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, force: bool = False,
              adapter=None, model_id: str | None = None) -> dict:
     """Run the ``quantize`` stage.

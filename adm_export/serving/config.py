@@ -2,7 +2,7 @@
 
 Here rather than in :mod:`adm_export.config` (the home of the build stages' configs): the serving
 package is deployed on its own, beside a bundle, and these settings belong to it (with the API-key
-reader); they use the same checks (:func:`adm_export.config.check_finite`, ``check_device``).
+reader); they use the same checks (:func:`adm_export.config.check_finite`, :func:`adm_export.devices.check_device`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from adm_export.config import check_device, check_finite
+from adm_export.config import check_finite
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 
 
@@ -62,7 +63,7 @@ class ServeConfig:
     def __post_init__(self):
         check_finite(self, {"max_wait_ms": "--max-wait-ms", "timeout_s": "--timeout",
                             "drain_timeout_s": "--drain-timeout"})
-        check_device(self.device)
+        check_device(self.device, available=False)
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidInputError(f"invalid --port {self.port!r}: must be 0..65535 (0: any free port)")
         if not isinstance(self.threads, int) or self.threads < 0:

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_json
-from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, check_device, check_finite, to_dict
+from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, check_finite, to_dict
+from adm_export.devices import check_device
 from adm_export.errors import ArtifactNotFoundError, InvalidInputError
 from adm_export.progress import progress
 
@@ -94,7 +95,7 @@ class GenerateConfig:
                 raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
         if self.guidance_scale < 0:
             raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
-        check_device(self.device)
+        check_device(self.device, available=False)
         self.ort_options()  # refuses impossible provider / graph / binding combinations
         if self.engine_dir is None:
             engine_flags = [flag for flag, given in (

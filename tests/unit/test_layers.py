@@ -2,7 +2,7 @@
 
 Layers, lowest first (README "Development" states the same order):
 
-    base        errors, progress, version
+    base        errors, progress, version, devices
     formats     formats/ (per-layer formats and policies, presets, serving targets: data)
     config      config, artifacts, distributed
     numerics    numerics, audio (shared numerics; mel/STFT/resampling)
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2] / "adm_export"
 #: (layer, module prefixes), lowest layer first. A module belongs to the layer of its longest
 #: matching prefix; the package root ``adm_export`` matches only itself.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("adm_export.errors", "adm_export.progress", "adm_export.version")),
+    ("base", ("adm_export.errors", "adm_export.progress", "adm_export.version", "adm_export.devices")),
     ("formats", ("adm_export.formats",)),
     ("config", ("adm_export.config", "adm_export.artifacts", "adm_export.distributed")),
     ("numerics", ("adm_export.numerics", "adm_export.audio")),

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from adm_export.config import check_device
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 from adm_export.eval.embedders.base import CHECKPOINT_FLAG, Embedder
 
@@ -170,7 +170,7 @@ def get_embedder(name: str, checkpoint: str | None = None, device: str = "cpu") 
 
         return LogMelEmbedder()
 
-    check_device(device, available=True, index=True)
+    check_device(device, index=True)
     if key == "reference-clap":
         from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder
 
