@@ -21,13 +21,18 @@
 #   prepare      the race's engines, if suite-build/-stages did not run on this machine      ~5 min
 #   race         U-Net step latency: engines vs torch eager / torch.compile, batch 1/2/8      ~5-7 min
 #   e2e          adm-export generate per clip, 4 and 64 clips, engines vs the torch pipeline  ~4-6 min
+#   serve-load   benchmarks/serve_load.py on CUDA: reference-audioldm built on the GPU, bundled,
+#                served with CUDA graphs; concurrency 1/8/32 vs sequential generate (issue 15)  ~5-8 min
 #   smoke        the CPU checks of the suite and the benchmark script (no GPU needed)          ~3 min
+#
+# With 30 minutes of device time (install ~4 min): suite-all, race, e2e, serve-load, back to back on one
+# warm machine (race and e2e reuse suite-all's folders; if the machine went cold between calls, prepare first).
 #
 # Files in $OUT: gpu_suite_<part>.json/.md (tests/gpu/report.py; merge the parts with
 # `python -m tests.gpu.report merge A.json B.json --out benchmarks/results/gpu_suite`),
 # speed_gpu_<phase>.json, and <part>.log (the whole console output).
 set -uo pipefail
-part=${1:?usage: gpu_session.sh suite-all|suite-build|suite-stages|suite-families|suite-matrix|suite-engine|suite-other|prepare|race|e2e|smoke}
+part=${1:?usage: gpu_session.sh suite-all|suite-build|suite-stages|suite-families|suite-matrix|suite-engine|suite-other|prepare|race|e2e|serve-load|smoke}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here" || exit 1
 out=${OUT:-$here/gpu-out}
@@ -88,6 +93,9 @@ case "$part" in
     run 575 "$py" benchmarks/speed_gpu.py --phase race --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 480 ;;
   e2e)
     run 575 "$py" benchmarks/speed_gpu.py --phase e2e --workdir "$ADM_GPU_WORKDIR" --out "$out" --time-budget 480 ;;
+  serve-load)
+    run 575 "$py" benchmarks/serve_load.py --device cuda --cuda-graph --model reference-audioldm \
+      --level-timeout 120 --out "$out/serve_load_gpu" ;;
   smoke)
     ADM_GPU_SUITE_DRY_RUN=cpu ADM_GPU_WORKDIR=/tmp/adm-smoke run "$limit" "$py" -m pytest -q -x tests/gpu/test_families_gpu.py \
       -k tiny-audioldm --gpu-report "$out/gpu_suite_smoke"

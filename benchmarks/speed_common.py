@@ -92,6 +92,18 @@ def build_pipeline(size: str, seed: int = 0):
     return build_audioldm_s_pipeline(seed)
 
 
+def saved_pipeline(folder: Path, size: str, seed: int = 0) -> Path:
+    """``folder`` holding ``build_pipeline(size, seed)`` written by ``save_pretrained`` (a downloaded
+    checkpoint's form), written unless it is there already; the GPU suite and the GPU benchmarks share it."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        pipe = build_pipeline(size, seed)
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")  # the folder appears whole or not at all
+        pipe.save_pretrained(str(tmp))
+        tmp.rename(folder)
+    return folder
+
+
 def make_adapter(pipe, model_id: str):
     from adm_export.models.audioldm import AudioLDMAdapter
 

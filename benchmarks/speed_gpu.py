@@ -103,13 +103,9 @@ def adm(args, *cli_args, timeout=580) -> dict:
 
 def model_dir(args) -> Path:
     """The saved pipeline folder (``audioldm-s``, or ``tiny-audioldm-dir`` with --smoke): the suite's names."""
-    folder = args.workdir / ("tiny-audioldm-dir" if args.smoke else "audioldm-s")
-    if not (folder / "model_index.json").is_file():
-        pipe = sc.build_pipeline("tiny" if args.smoke else "audioldm-s", seed=0)
-        tmp = folder.with_name(folder.name + ".tmp")
-        pipe.save_pretrained(str(tmp))
-        tmp.rename(folder)
-    return folder
+    if args.smoke:
+        return sc.saved_pipeline(args.workdir / "tiny-audioldm-dir", "tiny")
+    return sc.saved_pipeline(args.workdir / "audioldm-s", "audioldm-s")
 
 
 def prepare(args, out: dict) -> dict:
