@@ -2,7 +2,8 @@
 
 Here rather than in :mod:`adm_export.config` (the home of the build stages' configs): the serving
 package is deployed on its own, beside a bundle, and these settings belong to it (with the API-key
-reader); they use the same checks (:func:`adm_export.config.check_finite`, :func:`adm_export.devices.check_device`).
+reader); they use the same checks (:func:`adm_export.config.check_finite`,
+:func:`adm_export.devices.check_device`).
 """
 
 from __future__ import annotations
