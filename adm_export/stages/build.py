@@ -75,7 +75,8 @@ def build_into(cfg: BuildConfig, out: Path, adapter=None) -> dict | None:
     from adm_export.quantize.stage import quantize
 
     timings: dict[str, float] = {}
-    with timed_stage("load model", logger, timings):
+    # Its start at debug level: a --model that does not load is then the one line on the console.
+    with timed_stage("load model", logger, timings, start_level=logging.DEBUG):
         adapter = adapter or load_model(cfg.model, cfg.calibration.device)
     # 1. Calibration cache.
     with timed_stage("calibrate", logger, timings):

@@ -297,7 +297,10 @@ def run_stage(run: StageRun, work: Callable[[Path | None], Any]) -> Any:
     with signals_as_exceptions(), memory_errors(run.name, run.lower):
         if out is not None:
             check_out(out, run.force, run.flag)  # every rank: one clean error, no rank left waiting
-        with locked_out(out, run.flag), dist.shard_area(out), timed_stage(run.name, logger):
+        # The start at debug level: a user error found inside the stage (a --model folder that does
+        # not load) stays the one line on the console; the finish line says how long it took.
+        started = timed_stage(run.name, logger, start_level=logging.DEBUG)
+        with locked_out(out, run.flag), dist.shard_area(out), started:
             if run.atomic and out is not None:
                 result = _run_atomic(run, out, work)
             elif run.all_ranks:

@@ -3,7 +3,7 @@ shards kept; the same command then resumes and completes.
 
 Each long stage runs as its own process (``python -m adm_export``); the signal is sent once the
 stage has finished a unit of its sharded loop (a shard file appeared), or, for ``generate`` (no
-shards), once the stage has started.
+shards), once the stage has started (it holds the output's lock).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from adm_export.stages.runner import lock_path
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "tiny-audioldm"]
@@ -48,7 +50,8 @@ def _interrupt(args: list[str], out: Path, signum: int, log: Path, after_start: 
     proc = _start(args, log)
     try:
         if after_start:
-            _wait_for(proc, lambda: ": started" in log.read_text(), "the stage's start")
+            lock = lock_path(out)
+            _wait_for(proc, lock.exists, "the stage's start (its lock file)")
             time.sleep(1.0)
         else:
             _wait_for(proc, lambda: len(_shards(out)) > before, "a new shard")
