@@ -65,7 +65,8 @@ def load(size: str):
 
 def prepare(size: str, adapter, args) -> dict:
     """FP32 export and the project's INT8 Q/DQ export (and ONNX Runtime's own QDQ with --ort-native)."""
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
 
     work = args.workdir / size
     info = {}

@@ -102,6 +102,13 @@ def parse_target(value) -> Target:
             f"invalid --target {value!r}: choose one of {', '.join(t.value for t in Target)}") from None
 
 
+def default_target(engine: str, device: str) -> str:
+    """The target formats are checked against when ``--target`` is not given: TensorRT(-RTX) when that
+    engine is built, else ONNX Runtime on ``--device``."""
+    engine = getattr(engine, "value", engine)
+    return engine if engine in (Target.TENSORRT.value, Target.TENSORRT_RTX.value) else f"onnxruntime-{device}"
+
+
 def capability(target: Target | str, fmt: str, kind: str) -> Capability:
     """How ``target`` runs a layer of ``kind`` in ``fmt``."""
     return TABLE[parse_target(target)].get((fmt, kind), Capability(None, "not in the capability table"))
