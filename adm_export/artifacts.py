@@ -21,8 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
-from adm_export import __version__
-from adm_export.errors import ArtifactNotFoundError, ManifestMismatchError, OutputExistsError
+from adm_export.version import __version__
+from adm_export.errors import ArtifactNotFoundError, InvalidInputError, ManifestMismatchError, OutputExistsError
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,73 @@ def sha256_json(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; renamed over ``path`` only if the block succeeds.
+
+    The one way this package writes a single file that readers must never see half-written
+    (JSON, reports, figures, engine plans, timing caches, shards): a failure or an interruption
+    removes the temporary file and leaves any previous ``path`` untouched.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make artifacts private to their writer
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write bytes atomically (:func:`atomic_file`), flushed to disk before the rename."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write text atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (:func:`atomic_file`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike, flag: str, what: str, error: type[Exception] = ManifestMismatchError,
+              kind: type = dict) -> Any:
+    """Read a JSON file a user pointed at; every way it can be unreadable is one line.
+
+    Args:
+        path: The file.
+        flag: The option (or argument) naming it, for the message.
+        what: What the file is (``manifest.json``, ``the baseline report``), for the message.
+        error: The error raised for a file that exists but cannot be used.
+        kind: The JSON type the top level must have.
+
+    Raises:
+        ArtifactNotFoundError: The file does not exist.
+        error: It cannot be read, is not valid JSON, or its top level is not ``kind``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactNotFoundError(f"{flag} {str(path)!r}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise error(f"{flag} {str(path)!r}: {what} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise error(f"{flag} {str(path)!r}: cannot read {what} ({exc.strerror or exc})") from None
+    if not isinstance(data, kind):
+        raise error(f"{flag} {str(path)!r}: {what} is not a JSON {'object' if kind is dict else kind.__name__}")
+    return data
 
 
 def write_manifest(folder: Path, stage: str, model: dict, config: Any, inputs: dict | None = None,
@@ -128,7 +189,10 @@ def read_manifest(folder: str | os.PathLike, stage: str, flag: str, verify_hashe
             f"{flag} {str(folder)!r} is not a {stage} artifact (no {MANIFEST}); "
             f"run the {stage} stage first or point {flag} at its output folder"
         )
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = read_json(path, flag, MANIFEST)
+    except ManifestMismatchError as exc:
+        raise ManifestMismatchError(f"{exc}; re-run the {stage} stage") from None
     if manifest.get("stage") != stage:
         raise ManifestMismatchError(
             f"{flag} {str(folder)!r} holds a {manifest.get('stage')!r} artifact, expected {stage!r}"
@@ -138,10 +202,14 @@ def read_manifest(folder: str | os.PathLike, stage: str, flag: str, verify_hashe
             f"{flag} {str(folder)!r} has format version {manifest.get('format_version')}, this "
             f"adm-export reads version {FORMAT_VERSION}; re-run the {stage} stage"
         )
-    for name, info in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(i, dict) and "bytes" in i for i in files.values()):
+        raise ManifestMismatchError(f"{flag} {str(folder)!r}: {MANIFEST} lists its files in an unknown form; "
+                                    f"re-run the {stage} stage")
+    for name, info in files.items():
         f = folder / name
         if not f.is_file() or f.stat().st_size != info["bytes"] or (
-                verify_hashes and sha256_file(f) != info["sha256"]):
+                verify_hashes and sha256_file(f) != info.get("sha256")):
             raise ManifestMismatchError(
                 f"{flag} {str(folder)!r}: file {name!r} is missing or changed since the manifest "
                 f"was written; re-run the {stage} stage"
@@ -162,17 +230,38 @@ def check_same_model(manifest: dict, model: dict, flag: str) -> None:
             )
 
 
-def prepare_out_dir(out: Path, force: bool) -> None:
-    """Refuse a non-empty output folder unless ``force`` (then its content is removed)."""
+def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> None:
+    """Refuse an output path that is a file, or a non-empty folder without ``force``.
+
+    Nothing is changed on disk: a non-empty folder is replaced only when the new one is complete
+    (:func:`atomic_dir`). Whether the folder can be created at all is found out by taking its lock
+    (:class:`adm_export.stages.runner.OutputLock`).
+    """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {str(out)!r} exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise OutputExistsError(
-                f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
-            )
-        shutil.rmtree(out)
+        raise OutputExistsError(f"{flag} {str(out)!r} exists and is not a folder; choose another path")
+    if out.is_dir() and not force and any(out.iterdir()):
+        raise OutputExistsError(
+            f"{flag} {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
+        )
+
+
+def check_file_out(path: str | os.PathLike, flag: str) -> None:
+    """Refuse an output *file* that cannot be written, before any work (its folder is created).
+
+    Raises:
+        InvalidInputError: ``path`` is a folder, or no file can be created beside it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(f"{flag} {str(path)!r} is a folder; give a file path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as exc:
+        raise InvalidInputError(f"{flag} {str(path)!r} cannot be written: {exc.strerror or exc}; choose a writable "
+                                f"path") from None
 
 
 @contextlib.contextmanager

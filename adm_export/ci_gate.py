@@ -26,7 +26,6 @@ failed gate.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -116,17 +115,9 @@ class GateResult:
 
 # -- reading builds and baselines ------------------------------------------------------------------
 def _read_json(path: Path, what: str, flag: str) -> dict:
-    try:
-        if not path.is_file():
-            raise ArtifactNotFoundError(f"{flag} {str(path)!r}: {what} not found")
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"{flag} {str(path)!r}: {what} is not valid JSON ({exc})") from None
-    except PermissionError as exc:
-        raise InvalidInputError(f"{flag} {str(path)!r}: cannot read {what} ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise InvalidInputError(f"{flag} {str(path)!r}: {what} is not a JSON object")
-    return data
+    from adm_export.artifacts import read_json
+
+    return read_json(path, flag, what, error=InvalidInputError)
 
 
 def build_settings(build_dir: str | Path) -> dict:
@@ -144,17 +135,17 @@ def build_settings(build_dir: str | Path) -> dict:
     except PermissionError as exc:
         # Stage folders are created private (mkdtemp, mode 0700): a gate run as another user
         # than the build cannot read them.
-        raise InvalidInputError(f"build folder {str(build_dir)!r}: cannot read {exc.filename!r} "
+        raise InvalidInputError(f"BUILD_DIR {str(build_dir)!r}: cannot read {exc.filename!r} "
                                 f"({exc.strerror}); run the gate as the user that made the build") from None
 
 
 def _build_settings(build_dir: Path) -> dict:
-    report = _read_json(build_dir / REPORT, "build report (report.json)", "build folder")
+    report = _read_json(build_dir / REPORT, "build report (report.json)", "BUILD_DIR")
     ev_path = build_dir / "eval" / "eval.json"
-    ev = _read_json(ev_path, "evaluation (eval/eval.json)", "build folder") if ev_path.exists() else {}
+    ev = _read_json(ev_path, "evaluation (eval/eval.json)", "BUILD_DIR") if ev_path.exists() else {}
     ev_cfg = ev.get("config") or {}
     calib_path = build_dir / "calibration" / "manifest.json"
-    calib = (_read_json(calib_path, "calibration manifest", "build folder").get("config")
+    calib = (_read_json(calib_path, "calibration manifest", "BUILD_DIR").get("config")
              if calib_path.exists() else None)
     rep_eval = report.get("eval") or {}
     reference = rep_eval.get("reference") or ev.get("reference") or {}
@@ -182,11 +173,11 @@ def load_build(build_dir: str | Path) -> tuple[dict, dict]:
     """Read a build folder's report and settings; refuse a build without evaluation."""
     build_dir = Path(build_dir)
     if not build_dir.is_dir():
-        raise ArtifactNotFoundError(f"build folder {str(build_dir)!r} does not exist; run adm-export build first")
-    report = _read_json(build_dir / REPORT, "build report (report.json)", "build folder")
+        raise ArtifactNotFoundError(f"BUILD_DIR {str(build_dir)!r} does not exist; run adm-export build first")
+    report = _read_json(build_dir / REPORT, "build report (report.json)", "BUILD_DIR")
     if (report.get("eval") or {}).get("fd_increase_pct") is None:
         raise InvalidInputError(
-            f"build folder {str(build_dir)!r} was built without evaluation; the gate needs it "
+            f"BUILD_DIR {str(build_dir)!r} was built without evaluation; the gate needs it "
             f"(drop --no-eval and --engine none from the build arguments)"
         )
     return report, build_settings(build_dir)
@@ -417,3 +408,42 @@ def format_markdown(result: GateResult, title: str = "adm-export quality gate") 
         lines.append(f"| {r.metric} | {r.baseline} | {r.current} | {r.delta} | {r.limit} | {status} |")
     lines += [""] + [f"- {n}" for n in result.notes]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def check_outputs(summary: str | Path | None = None, json_out: str | Path | None = None,
+                  baseline: str | Path | None = None) -> None:
+    """Refuse output files that cannot be written before anything is compared or printed."""
+    from adm_export.artifacts import check_file_out
+
+    for path, flag in ((summary, "--summary"), (json_out, "--json-out"), (baseline, "--baseline")):
+        if path is not None:
+            check_file_out(path, flag)
+
+
+def write_baseline(build_dir: str | Path, baseline: str | Path, build_args: list[str] | tuple[str, ...] = ()) -> None:
+    """Write ``build_dir``'s report, with its protocol and ``build_args``, as the baseline file."""
+    from adm_export.artifacts import write_json
+
+    check_outputs(baseline=baseline)
+    write_json(baseline, make_baseline(build_dir, build_args))
+
+
+def run_gate(build_dir: str | Path, baseline: str | Path, tol: GateTolerances = GateTolerances(),
+             summary: str | Path | None = None, json_out: str | Path | None = None) -> GateResult:
+    """Compare a build folder with a baseline file; also write the Markdown table and the JSON result.
+
+    Raises:
+        ArtifactNotFoundError / InvalidInputError / BaselineMismatchError: one line each, before
+            anything is written.
+    """
+    from adm_export.artifacts import write_json, write_text
+
+    check_outputs(summary, json_out)
+    base = load_baseline(baseline)
+    report, settings = load_build(build_dir)
+    result = compare(report, settings, base, tol, baseline_path=baseline)
+    if summary is not None:
+        write_text(summary, format_markdown(result))
+    if json_out is not None:
+        write_json(json_out, {**result.to_dict(), "baseline": str(baseline), "build": str(build_dir)})
+    return result

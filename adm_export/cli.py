@@ -1,25 +1,41 @@
-"""The ``adm-export`` command line: a thin click layer over the library.
+"""The ``adm-export`` command line: option groups that build configs and call the public API.
 
-Each command parses its options, builds a frozen config and calls one library function. User
-errors (:class:`~adm_export.errors.AdmExportError`) become one line on stderr and exit code 1; a
-failed quality gate exits with 2. Heavy imports happen inside the commands, so ``--help`` is fast
-and works without torch.
+Each command's options are grouped by the config they fill (:class:`Group`: one option per config
+field, its default read from the config class, so a default lives in one place); the command builds
+its configs from them, calls one function of :mod:`adm_export.stages.api` and prints the result.
+Everything else (checks, the output folder, ranks, signals) is the stage runner's. User errors
+(:class:`~adm_export.errors.AdmExportError`) become one line on stderr and exit code 1, SIGINT /
+SIGTERM exit 130 / 143, a failed quality gate exits 2. Heavy imports happen inside the commands,
+so ``--help`` is fast and works without torch.
+
+Over 500 lines on purpose: it is the one module that imports click (DESIGN §8), so every command's
+options and help texts live here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from adm_export import __version__
-from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, EngineBackend, Placement, Precision, SelectMethod
+from adm_export.config import (DEFAULT_MODEL, BundleConfig, CalibrationConfig, EngineBackend, EngineConfig,
+                               EvalConfig, ExportConfig, FullPrecisionExportConfig, Placement, Precision,
+                               QuantizeConfig, SelectMethod)
+from adm_export.devices import DEVICES
 from adm_export.errors import AdmExportError
+from adm_export.formats.capabilities import Target
+from adm_export.serving.config import ServeConfig  # the serving package's own config (see its module)
+from adm_export.stages.generate import GenerateConfig  # the stage's own config (see its module)
+from adm_export.version import __version__
 
 logger = logging.getLogger("adm_export")
 
@@ -27,10 +43,267 @@ EXIT_GATE_FAILED = 2
 _ARGV: list[str] = []  # the arguments of this invocation (AdmGroup.main), for --nproc's relaunch
 
 
-def _choices(enum_cls) -> click.Choice:
-    return click.Choice([m.value for m in enum_cls])
+class FiniteFloat(click.ParamType):
+    """A float option that refuses NaN and infinity (click's FLOAT accepts both; NaN passes every
+    range check after it)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
+FINITE = FiniteFloat()
+
+
+def _choices(values) -> click.Choice:
+    """``click.Choice`` of an enum's values (or of a sequence): the choices have one home."""
+    return click.Choice([m.value if isinstance(m, enum.Enum) else m for m in values])
+
+
+# -- option groups -----------------------------------------------------------------------------------
+_FROM_CONFIG = object()
+
+
+class Opt:
+    """One click option and the config field it sets.
+
+    Args:
+        field: The config field (``None``: the command reads the value itself).
+        decls: click's declarations (``"--num-prompts"``, an explicit Python name, ...).
+        default: The option's default; left out, the config field's default.
+        attrs: Further ``click.option`` arguments.
+    """
+
+    def __init__(self, field: str | None, *decls: str, default: Any = _FROM_CONFIG, **attrs):
+        self.field, self.decls, self.default, self.attrs = field, decls, default, attrs
+        explicit = [d for d in decls if d.isidentifier()]
+        long = next(d for d in decls if d.startswith("--")).split("/")[0]
+        self.name = explicit[0] if explicit else long[2:].replace("-", "_")
+
+
+class Group:
+    """Options that together fill one config: ``@GROUP`` adds them to a command,
+    ``GROUP.config(values, **fixed)`` builds the config from the command's values.
+
+    Args:
+        cls: The config class.
+        opts: Its options.
+    """
+
+    def __init__(self, cls: type, *opts: Opt):
+        self.cls, self.opts = cls, opts
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for o in opts:
+            if o.default is _FROM_CONFIG:
+                default = fields[o.field].default if o.field else None
+                o.default = default.value if isinstance(default, enum.Enum) else default
+
+    def __call__(self, f):
+        for o in reversed(self.opts):
+            f = click.option(*o.decls, default=o.default, **o.attrs)(f)
+        return f
+
+    def config(self, values: dict, **fixed):
+        """The config from the parsed option values (``fixed`` fields win)."""
+        given = {o.field: values[o.name] for o in self.opts if o.field and o.field not in fixed}
+        return self.cls(**given, **fixed)
+
+
+def options(*groups):
+    """Add several groups' options to a command."""
+
+    def decorate(f):
+        for g in reversed(groups):
+            f = g(f)
+        return f
+
+    return decorate
+
+
+def model_option(default=DEFAULT_MODEL):
+    return click.option("--model", "-m", default=default, show_default=bool(default),
+                        help="Embedded name (reference-audioldm: trained here; tiny-audioldm, tiny-audioldm2, "
+                             "tiny-tango, tiny-make-an-audio: random weights), local diffusers folder, TANGO or "
+                             "Make-An-Audio folder in its published layout (README), or hub id.")
+
+
+def device_option(help: str | None = None):
+    return click.option("--device", type=_choices(DEVICES), default=DEVICES[0], show_default=True, help=help)
+
+
+def out_options(required: bool = True, default: Path | None = None, help: str | None = None):
+    """``--out`` and ``--force``."""
+
+    def decorate(f):
+        f = click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")(f)
+        return click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=required,
+                            default=default, show_default=default is not None, help=help or "Output folder.")(f)
+
+    return decorate
+
+
+def stage_input(flag: str, name: str, help: str, short: str | None = None, required: bool = True):
+    """An option naming an earlier stage's folder."""
+    decls = [flag, name] + ([short] if short else [])
+    return click.option(*decls, type=click.Path(file_okay=False, path_type=Path), required=required,
+                        default=None, help=help)
+
+
+CALIBRATION = Group(
+    CalibrationConfig,
+    Opt("captions_file", "--captions", "captions", type=click.Path(dir_okay=False),
+        help="Seed captions, one per line (default: the model's: reference-audioldm's in-domain captions, else "
+             "built-in AudioCaps-style captions); build's eval prompts use them too."),
+    Opt("num_prompts", "--num-prompts", type=int, show_default=True, help="Prompts the sampler runs on."),
+    Opt("augment", "--augment/--no-augment", show_default=True,
+        help="Coverage-driven prompt augmentation of the captions."),
+    Opt("steps", "--steps", type=int, show_default=True, help="Sampler (DDIM) steps."),
+    Opt("points", "--points", type=int, show_default=True, help="Calibration points kept (budget K)."),
+    Opt("select", "--select", type=_choices(SelectMethod), show_default=True,
+        help="How calibration points are chosen (activation: activation-aware, from per-layer activation "
+             "statistics of every step and prompt)."),
+    Opt("audio_seconds", "--seconds", type=FINITE, show_default=True, help="Audio length of calibration runs."),
+    Opt("guidance_scale", "--guidance-scale", type=FINITE, show_default=True),
+    Opt("seed", "--seed", type=int, show_default=True),
+)
+
+PRECISION = Group(
+    QuantizeConfig,
+    Opt("precision", "--precision", type=_choices(Precision),
+        show_default=True),
+    Opt("size_budget", "--size-budget", type=FINITE, help="For --precision mixed: fraction of the FP32 size."),
+)
+
+QUANTIZE = Group(
+    QuantizeConfig,
+    Opt("policy", "--policy", type=click.Path(dir_okay=False),
+        help="Policy JSON (layer patterns -> formats, quant_cfg shape); replaces the preset's rules."),
+    Opt("target", "--target", type=_choices(Target), default=None,
+        help="Serving target the formats are checked against (default: from --engine/--device)."),
+    Opt("allow_adjust", "--allow-adjust", is_flag=True,
+        help="Change formats the target cannot run (reported) instead of refusing."),
+    Opt("placement", "--placement", type=_choices(Placement),
+        help="Q/DQ placement [default: the one --target needs: onnxruntime (integer CPU kernels: DQ -> Conv -> Q, "
+             "UINT8 activations) for onnxruntime-cpu, tensorrt otherwise; formats/capabilities.py]."),
+    Opt("sensitivity_points", "--sensitivity-points", type=int, show_default=True,
+        help="For --precision mixed: calibration points the sensitivity is measured on."),
+    Opt("sensitivity_granularity", "--sensitivity-granularity", type=click.Choice(["layer", "block"]),
+        show_default=True, help="For --precision mixed: one format per layer, or per U-Net block (~6x fewer "
+                                "trials, for full-size models on a CPU)."),
+    Opt("trajectory_check", "--trajectory-check", type=int, show_default=True,
+        help="For --precision mixed: most sensitive items per format re-measured on a short sampler run "
+             "(final-latent error); 0: off."),
+    Opt("sensitivity_frames", "--sensitivity-frames", type=int, show_default=True,
+        help="For --precision mixed: latent frames the sensitivity trials run on; 0: full length."),
+)
+
+EVAL = Group(
+    EvalConfig,
+    Opt("num_clips", "--num-clips", type=int, show_default=True, help="Clips per run (baseline, engine)."),
+    Opt("steps", "--eval-steps", type=int, show_default=True, help="Sampler steps per clip."),
+    Opt("audio_seconds", "--eval-seconds", type=FINITE, show_default=True, help="Clip length."),
+    Opt("max_fd_increase", "--max-fd-increase", type=FINITE, show_default=True,
+        help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
+    Opt("max_drift", "--max-drift", type=FINITE, show_default=True,
+        help="Quality gate: fail (exit 2) when the paired drift (engine clip vs its own baseline clip, % of the "
+             "set's spread) exceeds this percentage."),
+    Opt("embedder", "--embedder",
+        help="Embedding for FD: logmel (weight-free), reference-clap (trained with the reference model), "
+             "panns-cnn14, vggish, clap [default: reference-clap for reference-audioldm, else logmel]."),
+    Opt("embedder_checkpoint", "--embedder-checkpoint", type=click.Path(exists=True),
+        help="Weights of the embedder (PANNs/VGGish state dict file, CLAP folder)."),
+    Opt("reference_dir", "--reference", "reference", type=click.Path(file_okay=False),
+        help="Folder of reference clips (default: a second baseline draw with other seeds)."),
+    Opt("fd_inf", "--fd-inf/--no-fd-inf", show_default=True,
+        help="Also extrapolate every FD to infinitely many clips (1/N fit, FD-inf)."),
+    Opt("n_boot", "--bootstrap", "n_boot", type=int, show_default=True,
+        help="Bootstrap replicates behind every interval."),
+    Opt("clap_checkpoint", "--clap-checkpoint", type=click.Path(exists=True, file_okay=False),
+        help="Local CLAP model folder (with tokenizer): adds the CLAP score."),
+)
+
+EXPORT = Group(
+    ExportConfig,
+    Opt("opset", "--opset", type=int, show_default=True),
+    Opt("placement", "--placement", type=_choices(Placement),
+        help="Q/DQ placement; fixed at quantize time [default: the quantized model's]."),
+    Opt("parity_points", "--parity-points", type=int, show_default=True),
+)
+
+ENGINE = Group(
+    EngineConfig,
+    Opt("backend", "--backend", type=_choices(EngineBackend), show_default=True),
+    Opt("threads", "--threads", type=int, help="ONNX Runtime threads (0: all cores)."),
+    Opt("cuda_fusions", "--cuda-fusions/--no-cuda-fusions", show_default=True,
+        help="--device cuda: fuse attention, GroupNorm and NHWC convolutions (ONNX Runtime's diffusion optimizer); "
+             "--no-cuda-fusions serves the same FP16 graph unfused."),
+    Opt("parity_tolerance", "--parity-tolerance", type=FINITE, show_default=True,
+        help="--device cuda: largest relative L2 of the engine to its FP32 reference."),
+)
+
+BUNDLE = Group(
+    BundleConfig,
+    Opt("model", "--model", default=None, help="Model to load (default: the engine's; must be the same weights)."),
+    Opt("max_seconds", "--max-seconds", type=FINITE, show_default=True,
+        help="Longest clip the runtime accepts by default."),
+)
+
+
+GENERATE = Group(
+    GenerateConfig,
+    Opt("prompts", "--prompt", "-p", "prompts", multiple=True, default=(), help="Prompt (repeatable)."),
+    Opt("prompts_file", "--prompts", "prompts_file", type=click.Path(dir_okay=False),
+        help="File with one prompt per line."),
+    Opt("audio_seconds", "--seconds", type=FINITE, show_default=True),
+    Opt("steps", "--steps", type=int, show_default=True),
+    Opt("guidance_scale", "--guidance-scale", type=FINITE, show_default=True),
+    Opt("seed", "--seed", type=int, show_default=True),
+    Opt("batch_size", "--batch-size", type=int, show_default=True, help="Prompts per pipeline call."),
+    Opt("plot", "--plot", is_flag=True, help="Also write a spectrogram PNG per clip."),
+    Opt("threads", "--threads", type=int, help="ONNX Runtime CPU threads (0: all cores)."),
+    Opt("ort_provider", "--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+        show_default=True, help="ONNX Runtime provider (auto: CUDA with --device cuda, else CPU)."),
+    Opt("io_binding", "--io-binding/--no-io-binding",
+        help="CUDA: bind GPU tensors to the engine, no host copies (default: on)."),
+    Opt("cuda_graph", "--cuda-graph/--no-cuda-graph",
+        help="CUDA: replay each step as a captured CUDA graph, one per input shape (default: on with a GPU "
+             "provider and IO binding)."),
+    Opt("prefer_nhwc", "--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels."),
+    Opt("cudnn_search", "--cudnn-search", type=click.Choice(["exhaustive", "heuristic", "default"]),
+        show_default=True, help="CUDA: cuDNN convolution algorithm search (paid once per shape, at warm-up)."),
+)
+
+
+SERVE = Group(
+    ServeConfig,
+    Opt("host", "--host", show_default=True,
+        help="Interface to listen on (0.0.0.0: every interface; put auth or a proxy in front)."),
+    Opt("port", "--port", type=int, show_default=True, help="TCP port (0: any free port, printed)."),
+    Opt("threads", "--threads", type=int, help="ONNX Runtime CPU threads (0: ONNX Runtime's default)."),
+    Opt("cuda_graph", "--cuda-graph", is_flag=True, help="CUDA: replay each U-Net step as a captured CUDA graph."),
+    Opt("prefer_nhwc", "--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels."),
+    Opt("max_batch", "--max-batch", type=int,
+        help="Most requests of the same length sampled in one U-Net batch [default: the bundle's limit]."),
+    Opt("max_wait_ms", "--max-wait-ms", type=FINITE, show_default=True,
+        help="How long a batch that is not full waits for the next request of its length (each arrival restarts "
+             "it; at most max-batch times this)."),
+    Opt("max_queue", "--max-queue", type=int, show_default=True,
+        help="Most requests waiting for a batch; beyond it: 503 with Retry-After."),
+    Opt("timeout_s", "--timeout", "timeout_s", type=FINITE, show_default=True,
+        help="Per-request limit in seconds (504 after it; the work is dropped)."),
+    Opt("drain_timeout_s", "--drain-timeout", "drain_timeout_s", type=FINITE, show_default=True,
+        help="On SIGTERM: seconds accepted requests may take to finish before the process exits."),
+    Opt("api_key_file", "--api-key-file", type=click.Path(dir_okay=False),
+        help="File holding a bearer token that /v1/generate then requires (read once, never logged)."),
+)
+
+
+
+# -- errors, logging, the group ------------------------------------------------------------------------
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
@@ -50,18 +323,25 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 
 def handle_errors(func):
-    """Turn user errors into one line and exit code 1 (bugs keep their traceback)."""
+    """Turn user errors and interruptions into one line and their exit code (bugs keep their traceback).
+
+    The mapping is the stage runner's (:func:`adm_export.stages.runner.exit_code`): 1 for a user
+    error, 130 / 143 for SIGINT / SIGTERM.
+    """
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from adm_export.stages.runner import Interrupted
+
         try:
             return func(*args, **kwargs)
-        except AdmExportError as exc:
+        except (AdmExportError, Interrupted, KeyboardInterrupt) as exc:
             from adm_export.distributed import is_main
+            from adm_export.stages.runner import error_line, exit_code
 
             if is_main():  # under torchrun every rank hits the same error: one line, not N
-                click.echo(f"error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+                click.echo(f"error: {error_line(exc)}", err=True)
+            sys.exit(exit_code(exc))
 
     return wrapper
 
@@ -138,122 +418,48 @@ def nproc_option(f):
                              "eval run data-parallel under torchrun; rerunning resumes from finished shards.")(wrapper)
 
 
-# -- shared options --------------------------------------------------------------------------------
-def model_option(default=DEFAULT_MODEL):
-    return click.option("--model", "-m", default=default, show_default=bool(default),
-                        help="Embedded name (reference-audioldm: trained here; tiny-audioldm, tiny-audioldm2, "
-                             "tiny-tango, tiny-make-an-audio: random weights), local diffusers folder, TANGO or "
-                             "Make-An-Audio folder in its published layout (README), or hub id.")
+def _api():
+    from adm_export.stages import api
+
+    return api
 
 
-def calibration_options(f):
-    opts = [
-        click.option("--captions", type=click.Path(dir_okay=False), default=None,
-                     help="Seed captions, one per line (default: the model's: reference-audioldm's in-domain "
-                          "captions, else built-in AudioCaps-style captions); build's eval prompts use them too."),
-        click.option("--num-prompts", type=int, default=8, show_default=True, help="Prompts the sampler runs on."),
-        click.option("--augment/--no-augment", default=True, show_default=True,
-                     help="Coverage-driven prompt augmentation of the captions."),
-        click.option("--steps", type=int, default=10, show_default=True, help="Sampler (DDIM) steps."),
-        click.option("--points", type=int, default=16, show_default=True, help="Calibration points kept (budget K)."),
-        click.option("--select", type=_choices(SelectMethod), default=SelectMethod.ACTIVATION.value, show_default=True,
-                     help="How calibration points are chosen (activation: activation-aware, from per-layer "
-                          "activation statistics of every step and prompt)."),
-        click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Audio length of calibration runs."),
-        click.option("--guidance-scale", type=float, default=2.5, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+# -- build ------------------------------------------------------------------------------------------
+@cli.command()
+@model_option()
+@out_options(required=False, default=Path("build/adm-export"))
+@options(PRECISION)
+@click.option("--engine", "engine", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value,
+              show_default=True, help="Engine to build (ONNX Runtime is always built unless 'none').")
+@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Evaluate against the baseline.")
+@options(QUANTIZE, CALIBRATION)
+@device_option()
+@options(EVAL)
+@handle_errors
+@nproc_option
+def build(model, out, force, engine, run_eval, device, **values):
+    """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
+    from adm_export.config import BuildConfig
+    from adm_export.formats.capabilities import default_target
+
+    cfg = BuildConfig(
+        out=out, force=force,
+        calibration=CALIBRATION.config(values, model=model, device=device),
+        quantize=QUANTIZE.config(values, **_precision(values), device=device,
+                                 target=values["target"] or default_target(engine, device)),
+        export=ExportConfig(placement=values["placement"], device=device),
+        engine=EngineConfig(backend=engine, device=device),
+        eval=EVAL.config(values, device=device, captions_file=values["captions"]) if run_eval else None,
+    )
+    report = _api().build(cfg).report
+    _summary(report)
+    click.echo(f"report: {out / 'report.md'}")
+    if report["eval"]["gate"]["passed"] is False:
+        sys.exit(EXIT_GATE_FAILED)
 
 
-def quant_options(f):
-    """Policy, target and placement options shared by build and quantize."""
-    opts = [
-        click.option("--policy", type=click.Path(dir_okay=False), default=None,
-                     help="Policy JSON (layer patterns -> formats, quant_cfg shape); replaces the preset's rules."),
-        click.option("--target", type=click.Choice(["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt",
-                                                     "tensorrt-rtx"]), default=None,
-                     help="Serving target the formats are checked against (default: from --engine/--device)."),
-        click.option("--allow-adjust", is_flag=True,
-                     help="Change formats the target cannot run (reported) instead of refusing."),
-        click.option("--placement", type=_choices(Placement), default=None,
-                     help="Q/DQ placement [default: the one --target needs: onnxruntime (integer CPU kernels: "
-                          "DQ -> Conv -> Q, UINT8 activations, quantized attention products) for onnxruntime-cpu, "
-                          "tensorrt otherwise]."),
-        click.option("--sensitivity-points", type=int, default=4, show_default=True,
-                     help="For --precision mixed: calibration points the sensitivity is measured on."),
-        click.option("--sensitivity-granularity", type=click.Choice(["layer", "block"]), default="layer",
-                     show_default=True, help="For --precision mixed: one format per layer, or per U-Net block "
-                     "(~6x fewer trials, for full-size models on a CPU)."),
-        click.option("--trajectory-check", type=int, default=2, show_default=True,
-                     help="For --precision mixed: most sensitive items per format re-measured on a short "
-                     "sampler run (final-latent error); 0: off."),
-        click.option("--sensitivity-frames", type=int, default=64, show_default=True,
-                     help="For --precision mixed: latent frames the sensitivity trials run on; 0: full length."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _target(target, engine="onnxruntime", device="cpu") -> str:
-    from adm_export.formats.capabilities import target_for
-
-    return target or target_for(engine, device).value
-
-
-def eval_options(f):
-    opts = [
-        click.option("--num-clips", type=int, default=8, show_default=True, help="Clips per run (baseline, engine)."),
-        click.option("--eval-steps", type=int, default=10, show_default=True, help="Sampler steps per clip."),
-        click.option("--eval-seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True, help="Clip length."),
-        click.option("--max-fd-increase", type=float, default=50.0, show_default=True,
-                     help="Quality gate: fail (exit 2) when the FD increase exceeds this percentage."),
-        click.option("--max-drift", type=float, default=25.0, show_default=True,
-                     help="Quality gate: fail (exit 2) when the paired drift (engine clip vs its own baseline "
-                          "clip, % of the set's spread) exceeds this percentage."),
-        click.option("--embedder", default=None,
-                     help="Embedding for FD: logmel (weight-free), reference-clap (trained with the reference "
-                          "model), panns-cnn14, vggish, clap [default: reference-clap for reference-audioldm, "
-                          "else logmel]."),
-        click.option("--embedder-checkpoint", type=click.Path(exists=True), default=None,
-                     help="Weights of the embedder (PANNs/VGGish state dict file, CLAP folder)."),
-        click.option("--reference", type=click.Path(file_okay=False), default=None,
-                     help="Folder of reference clips (default: a second baseline draw with other seeds)."),
-        click.option("--fd-inf/--no-fd-inf", default=False, show_default=True,
-                     help="Also extrapolate every FD to infinitely many clips (1/N fit, FD-inf)."),
-        click.option("--bootstrap", "n_boot", type=int, default=200, show_default=True,
-                     help="Bootstrap replicates behind every interval."),
-        click.option("--clap-checkpoint", type=click.Path(exists=True, file_okay=False), default=None,
-                     help="Local CLAP model folder (with tokenizer): adds the CLAP score."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale,
-                        seed, device):
-    from adm_export.config import CalibrationConfig
-
-    return CalibrationConfig(model=model, captions_file=captions, num_prompts=num_prompts, steps=steps,
-                             points=points, select=select, audio_seconds=seconds, guidance_scale=guidance_scale,
-                             seed=seed, device=device, augment=augment)
-
-
-def _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
-                 device, seed=1234, guidance_scale=2.5, fd_inf=False, n_boot=200, clap_checkpoint=None,
-                 max_drift=25.0, captions=None):
-    from adm_export.config import EvalConfig
-
-    return EvalConfig(num_clips=num_clips, steps=eval_steps, audio_seconds=eval_seconds,
-                      max_fd_increase=max_fd_increase, embedder=embedder, embedder_checkpoint=embedder_checkpoint,
-                      reference_dir=reference, device=device, seed=seed, guidance_scale=guidance_scale,
-                      fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint, max_drift=max_drift,
-                      captions_file=captions)
+def _precision(values: dict) -> dict:
+    return {o.field: values[o.name] for o in PRECISION.opts}
 
 
 def _summary(report: dict) -> None:
@@ -281,134 +487,51 @@ def _summary(report: dict) -> None:
         click.echo(f"quality gate: {'PASSED' if gate['passed'] else 'FAILED'}: {gate.get('message')}")
 
 
-# -- build ------------------------------------------------------------------------------------------
-@cli.command()
-@model_option()
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=Path("build/adm-export"),
-              show_default=True, help="Output folder.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
-@click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
-@click.option("--size-budget", type=float, default=None, help="For --precision mixed: fraction of the FP32 size.")
-@click.option("--engine", "engine", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value,
-              show_default=True, help="Engine to build (ONNX Runtime is always built unless 'none').")
-@click.option("--eval/--no-eval", "run_eval", default=True, show_default=True, help="Evaluate against the baseline.")
-@quant_options
-@calibration_options
-@eval_options
-@handle_errors
-@nproc_option
-def build(model, out, force, precision, size_budget, engine, run_eval, policy, target, allow_adjust, placement,
-          sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames, captions, num_prompts, augment, steps, points,
-          select, seconds, guidance_scale, seed, device, num_clips, eval_steps, eval_seconds, max_fd_increase, max_drift,
-          embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
-    """Run every stage: calibrate, quantize, export, engine, eval; write report.json and report.md."""
-    from adm_export.build import build as run_build
-    from adm_export.config import BuildConfig, EngineConfig, ExportConfig, QuantizeConfig
-
-    cfg = BuildConfig(
-        out=out,
-        calibration=_calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds,
-                                        guidance_scale, seed, device),
-        quantize=QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
-                                target=_target(target, engine, device), allow_adjust=allow_adjust,
-                                placement=placement, sensitivity_points=sensitivity_points,
-                                sensitivity_granularity=sensitivity_granularity, trajectory_check=trajectory_check,
-                                sensitivity_frames=sensitivity_frames),
-        export=ExportConfig(placement=placement, device=device),
-        engine=EngineConfig(backend=engine, device=device),
-        eval=_eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint,
-                          reference, device, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
-                          max_drift=max_drift, captions=captions)
-        if run_eval else None,
-        force=force,
-    )
-    # Refuse a bad output folder and validate every config before any stage starts.
-    report = run_build(cfg)
-    _summary(report)
-    click.echo(f"report: {out / 'report.md'}")
-    if report["eval"]["gate"]["passed"] is False:
-        sys.exit(EXIT_GATE_FAILED)
-
-
 # -- one command per stage ------------------------------------------------------------------------
 @cli.command()
 @model_option()
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
-@calibration_options
+@out_options()
+@options(CALIBRATION)
+@device_option()
 @handle_errors
 @nproc_option
-def calibrate(model, out, force, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale, seed,
-              device):
+def calibrate(model, out, force, device, **values):
     """Run the sampler on the prompt set and write the calibration cache."""
-    from adm_export.calibration.latents import calibrate as run
-
-    cfg = _calibration_config(model, captions, num_prompts, augment, steps, points, select, seconds, guidance_scale,
-                              seed, device)
-    manifest = run(cfg, out, force=force)
-    sel = manifest["selection"]
-    click.echo(f"calibration cache: {sel['points']} points ({sel['method']}) from "
-               f"{len(manifest['prompts']['prompts'])} prompts -> {out}")
+    result = _api().calibrate(CALIBRATION.config(values, model=model, device=device), out, force=force)
+    click.echo(f"calibration cache: {result.points} points ({result.method}) from {result.prompts} prompts -> {out}")
 
 
 @cli.command()
 @model_option(default=None)
-@click.option("--calibration", "-c", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Calibration cache folder (from `adm-export calibrate`).")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--force", is_flag=True)
-@click.option("--precision", type=_choices(Precision), default=Precision.INT8.value, show_default=True)
-@click.option("--size-budget", type=float, default=None)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@quant_options
+@stage_input("--calibration", "calibration", "Calibration cache folder (from `adm-export calibrate`).", "-c")
+@out_options()
+@options(PRECISION)
+@device_option()
+@options(QUANTIZE)
 @handle_errors
 @nproc_option
-def quantize(model, calibration, out, force, precision, size_budget, device, policy, target, allow_adjust, placement,
-             sensitivity_points, sensitivity_granularity, trajectory_check, sensitivity_frames):
+def quantize(model, calibration, out, force, device, **values):
     """Quantize the denoiser with ModelOpt, calibrated on the cache."""
-    from adm_export.config import QuantizeConfig
-    from adm_export.quantize.stage import quantize as run
+    from adm_export.formats.capabilities import default_target
 
-    cfg = QuantizeConfig(precision=precision, size_budget=size_budget, device=device, policy=policy,
-                         target=_target(target, device=device), allow_adjust=allow_adjust, placement=placement,
-                         sensitivity_points=sensitivity_points, sensitivity_granularity=sensitivity_granularity,
-                         trajectory_check=trajectory_check, sensitivity_frames=sensitivity_frames)
-    from adm_export import distributed
-
-    # Every rank runs the stage (the sensitivity search is split over ranks); rank 0 writes `out`.
-    if not force:
-        from adm_export.artifacts import prepare_out_dir
-
-        prepare_out_dir(out, False)  # a non-empty folder is refused before the work, on every rank
-    with distributed.shard_area(out), distributed.main_output(out) as rank_out:
-        manifest = run(cfg, calibration, rank_out, force=force, model_id=model)
-    err = manifest["quant_error_rel_l2"]
-    click.echo(f"quantized ({precision}, placement {manifest['placement']}): {manifest['quantizers']['weight']} "
-               f"layers; error vs full precision mean {err['mean']:.2e}, max {err['max']:.2e} -> {out}")
+    cfg = QUANTIZE.config(values, **_precision(values), device=device,
+                          target=values["target"] or default_target("onnxruntime", device))
+    result = _api().quantize_model(cfg, calibration, out, force=force, model=model)
+    click.echo(f"quantized ({cfg.precision.value}): {result.quantized_layers} layers; error vs full precision "
+               f"mean {result.error_mean:.2e}, max {result.error_max:.2e} -> {out}")
 
 
 @cli.command("export")
-@click.option("--quantized", "-q", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder from `adm-export quantize`.")
-@click.option("--calibration", "-c", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Calibration cache (parity inputs).")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--force", is_flag=True)
-@click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--placement", type=_choices(Placement), default=None,
-              help="Q/DQ placement; fixed at quantize time [default: the quantized model's].")
-@click.option("--parity-points", type=int, default=4, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where torch traces the quantized model and runs its side of the parity check.")
+@stage_input("--quantized", "quantized", "Folder from `adm-export quantize`.", "-q")
+@stage_input("--calibration", "calibration", "Calibration cache (parity inputs).", "-c")
+@out_options()
+@options(EXPORT)
+@device_option(help="Where torch traces the quantized model and runs its side of the parity check.")
 @handle_errors
-def export_cmd(quantized, calibration, out, force, opset, placement, parity_points, device):
+def export_cmd(quantized, calibration, out, force, device, **values):
     """Export the quantized denoiser to ONNX (Q/DQ, INT8 weights) and check parity in ONNX Runtime."""
-    from adm_export.config import ExportConfig
-    from adm_export.export.onnx import export_onnx
-
-    manifest = export_onnx(ExportConfig(opset=opset, placement=placement, parity_points=parity_points, device=device),
-                           quantized, out, calibration, force=force)
-    s, p = manifest["sizes"], manifest["parity"]
+    result = _api().export_onnx(EXPORT.config(values, device=device), quantized, calibration, out, force=force)
+    s, p = result.manifest["sizes"], result.manifest["parity"]
     click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
                f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "
                f"{p['quant_error_mean']:.2e}) {'ok' if p['passed'] else 'FAILED'} -> {out}")
@@ -416,50 +539,32 @@ def export_cmd(quantized, calibration, out, force, opset, placement, parity_poin
 
 @cli.command("export-baseline")
 @model_option()
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--force", is_flag=True)
+@out_options()
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True,
               help="Precision of the unquantized export (fp16: the GPU baseline).")
-@click.option("--opset", type=int, default=17, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="Where torch traces and the parity check runs.")
+@click.option("--opset", type=int, default=FullPrecisionExportConfig.opset, show_default=True)
+@device_option(help="Where torch traces and the parity check runs.")
 @handle_errors
 def export_baseline(model, out, force, dtype, opset, device):
     """Export the unquantized denoiser (FP16 or FP32) to ONNX: the baseline engine to serve and race."""
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
-
     cfg = FullPrecisionExportConfig(model=model, fp16=dtype == "fp16", opset=opset, device=device)
-    manifest = export_full_precision(cfg, out, force=force)
-    p = manifest["parity"]
-    click.echo(f"unet.onnx ({dtype}): {manifest['sizes']['unet_export_bytes'] / 1e6:.2f} MB; parity "
+    result = _api().export_baseline(cfg, out, force=force)
+    p = result.manifest["parity"]
+    click.echo(f"unet.onnx ({dtype}): {result.export_bytes / 1e6:.2f} MB; parity "
                f"{p['onnx_vs_torch_max']:.2e} (tolerance {p['tolerance']:.2e}) {'ok' if p['passed'] else 'FAILED'} "
                f"-> {out}")
 
 
 @cli.command()
-@click.option("--onnx", "onnx_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder from `adm-export export`.")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--force", is_flag=True)
-@click.option("--backend", type=_choices(EngineBackend), default=EngineBackend.ONNXRUNTIME.value, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="cpu: serve the export as it is; cuda: build the fused FP16 CUDA engine (checked on the GPU).")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime threads (0: all cores).")
-@click.option("--cuda-fusions/--no-cuda-fusions", default=True, show_default=True,
-              help="--device cuda: fuse attention, GroupNorm and NHWC convolutions (ONNX Runtime's diffusion "
-                   "optimizer); --no-cuda-fusions serves the same FP16 graph unfused.")
-@click.option("--parity-tolerance", type=float, default=1e-2, show_default=True,
-              help="--device cuda: largest relative L2 of the engine to its FP32 reference.")
+@stage_input("--onnx", "onnx_dir", "Folder from `adm-export export`.")
+@out_options()
+@device_option(help="cpu: serve the export as it is; cuda: build the fused FP16 CUDA engine (checked on the GPU).")
+@options(ENGINE)
 @handle_errors
-def engine(onnx_dir, out, force, backend, device, threads, cuda_fusions, parity_tolerance):
+def engine(onnx_dir, out, force, device, **values):
     """Build engines: ONNX Runtime always, TensorRT / TensorRT-RTX when asked or installed."""
-    from adm_export.config import EngineConfig
-    from adm_export.engines.stage import build_engines
-
-    cfg = EngineConfig(backend=backend, device=device, threads=threads, cuda_fusions=cuda_fusions,
-                       parity_tolerance=parity_tolerance)
-    manifest = build_engines(cfg, onnx_dir, out, force=force)
-    for name, e in manifest["report"]["engines"].items():
+    result = _api().build_engines(ENGINE.config(values, device=device), onnx_dir, out, force=force)
+    for name, e in result.engines.items():
         if not e.get("built", True):
             click.echo(f"{name}: not built ({e.get('reason')})")
         elif e.get("summary"):
@@ -478,102 +583,49 @@ def engine(onnx_dir, out, force, backend, device, threads, cuda_fusions, parity_
 
 @cli.command("eval")
 @model_option(default=None)
-@click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder from `adm-export engine`.")
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for report.json, report.md, figures/, eval.json and the clips.")
-@click.option("--force", is_flag=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--seed", type=int, default=1234, show_default=True)
+@stage_input("--engine", "engine_dir", "Folder from `adm-export engine`.")
+@out_options(required=False, help="Folder for report.json, report.md, figures/, eval.json and the clips.")
+@device_option()
+@click.option("--seed", type=int, default=EvalConfig.seed, show_default=True)
 @click.option("--captions", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Captions the eval prompts cycle through (default: the model's, else the built-in ones).")
-@eval_options
+@options(EVAL)
 @handle_errors
 @nproc_option
-def eval_cmd(model, engine_dir, out, force, device, seed, captions, num_clips, eval_steps, eval_seconds,
-             max_fd_increase, max_drift, embedder, embedder_checkpoint, reference, fd_inf, n_boot, clap_checkpoint):
+def eval_cmd(model, engine_dir, out, force, device, seed, captions, **values):
     """Same prompts and seeds through the full-precision pipeline and the engine; FD and the quality gate."""
-    from adm_export.eval.harness import evaluate
-
-    cfg = _eval_config(num_clips, eval_steps, eval_seconds, max_fd_increase, embedder, embedder_checkpoint, reference,
-                       device, seed, fd_inf=fd_inf, n_boot=n_boot, clap_checkpoint=clap_checkpoint,
-                       max_drift=max_drift, captions=captions)
-    result = evaluate(cfg, engine_dir, out, force=force, model_id=model)
-    gate = result["gate"]
-    if result["fd_quantized_vs_baseline"] is not None:
-        click.echo(f"FD(engine, baseline) {result['fd_quantized_vs_baseline']:.4g}; FD increase "
-                   f"{result['fd_increase_pct']:.1f}% vs {result['reference']['kind']}")
-    click.echo(f"quality gate: {'PASSED' if gate['passed'] else 'FAILED'}: {gate['message']}")
+    cfg = EVAL.config(values, device=device, seed=seed, captions_file=captions)
+    result = _api().evaluate(cfg, engine_dir, out, force=force, model=model)
+    if result.fd_quantized_vs_baseline is not None:
+        click.echo(f"FD(engine, baseline) {result.fd_quantized_vs_baseline:.4g}; FD increase "
+                   f"{result.fd_increase_pct:.1f}% vs {result.result['reference']['kind']}")
+    click.echo(f"quality gate: {'PASSED' if result.gate_passed else 'FAILED'}: {result.gate_message}")
     if out is not None:
         click.echo(f"report: {out / 'report.md'}")
-    if not gate["passed"]:
+    if not result.gate_passed:
         sys.exit(EXIT_GATE_FAILED)
 
 
 @cli.command()
 @model_option(default=None)
-@click.option("--engine", "engine_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Engines folder; without it the full-precision pipeline generates.")
-@click.option("--prompt", "-p", "prompts", multiple=True, help="Prompt (repeatable).")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False), default=None,
-              help="File with one prompt per line.")
-@click.option("--seconds", type=float, default=DEFAULT_AUDIO_SECONDS, show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True)
-@click.option("--guidance-scale", type=float, default=2.5, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--force", is_flag=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Prompts per pipeline call.")
-@click.option("--plot", is_flag=True, help="Also write a spectrogram PNG per clip.")
-@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: all cores).")
-@click.option("--ort-provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto",
-              show_default=True, help="ONNX Runtime provider (auto: CUDA with --device cuda, else CPU).")
-@click.option("--io-binding/--no-io-binding", default=None,
-              help="CUDA: bind GPU tensors to the engine, no host copies (default: on).")
-@click.option("--cuda-graph/--no-cuda-graph", default=None,
-              help="CUDA: replay each step as a captured CUDA graph, one per input shape (default: on with a GPU "
-                   "provider and IO binding).")
-@click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
-@click.option("--cudnn-search", type=click.Choice(["exhaustive", "heuristic", "default"]), default="exhaustive",
-              show_default=True, help="CUDA: cuDNN convolution algorithm search (paid once per shape, at warm-up).")
+@stage_input("--engine", "engine_dir", "Engines folder; without it the full-precision pipeline generates.",
+             required=False)
+@out_options()
+@device_option()
+@options(GENERATE)
 @handle_errors
-def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_scale, seed, out, force, device,
-             batch_size, plot, threads, ort_provider, io_binding, cuda_graph, prefer_nhwc, cudnn_search):
+def generate(model, engine_dir, out, force, device, **values):
     """Generate WAV files with the pipeline, its denoiser served by the engine."""
-    from adm_export.serve import GenerateConfig, generate as run
-
-    cfg = GenerateConfig(model=model, engine_dir=str(engine_dir) if engine_dir else None, prompts=tuple(prompts),
-                         prompts_file=prompts_file, audio_seconds=seconds, steps=steps,
-                         guidance_scale=guidance_scale, seed=seed, device=device, batch_size=batch_size, plot=plot,
-                         threads=threads, ort_provider=ort_provider, io_binding=io_binding, cuda_graph=cuda_graph,
-                         prefer_nhwc=prefer_nhwc, cudnn_search=cudnn_search)
-    files = run(cfg, out, force=force)
-    click.echo(f"{len(files)} clip(s){' and spectrograms' if plot else ''} -> {out}")
+    cfg = GENERATE.config(values, model=model, engine_dir=str(engine_dir) if engine_dir else None, device=device,
+                          prompts=tuple(values["prompts"]))
+    files = _api().generate(cfg, out, force=force).files
+    click.echo(f"{len(files)} clip(s){' and spectrograms' if cfg.plot else ''} -> {out}")
 
 
 @cli.command("serve")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to listen on (0.0.0.0: every interface; put auth or a proxy in front).")
-@click.option("--port", type=int, default=8000, show_default=True, help="TCP port (0: any free port, printed).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=0, help="ONNX Runtime CPU threads (0: ONNX Runtime's default).")
-@click.option("--cuda-graph", is_flag=True, help="CUDA: replay each U-Net step as a captured CUDA graph.")
-@click.option("--prefer-nhwc", is_flag=True, help="CUDA: let ONNX Runtime use NHWC convolution kernels.")
-@click.option("--max-batch", type=int, default=None,
-              help="Most requests of the same length sampled in one U-Net batch [default: the bundle's limit].")
-@click.option("--max-wait-ms", type=float, default=10.0, show_default=True,
-              help="How long a batch that is not full waits for the next request of its length (each "
-                   "arrival restarts it; at most max-batch times this).")
-@click.option("--max-queue", type=int, default=64, show_default=True,
-              help="Most requests waiting for a batch; beyond it: 503 with Retry-After.")
-@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True,
-              help="Per-request limit in seconds (504 after it; the work is dropped).")
-@click.option("--drain-timeout", "drain_timeout_s", type=float, default=60.0, show_default=True,
-              help="On SIGTERM: seconds accepted requests may take to finish before the process exits.")
-@click.option("--api-key-file", type=click.Path(dir_okay=False), default=None,
-              help="File holding a bearer token that /v1/generate then requires (read once, never logged).")
+@device_option()
+@options(SERVE)
 @click.option("--ray", "use_ray", is_flag=True, help="Run under Ray Serve (pip install 'adm-export[ray]'), "
               "one runtime per replica.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: fixed replica count.")
@@ -581,46 +633,28 @@ def generate(model, engine_dir, prompts, prompts_file, seconds, steps, guidance_
 @click.option("--max-replicas", type=int, default=None, help="With --ray: autoscaling upper bound (turns it on).")
 @click.option("--ray-address", default=None, help="With --ray: a running cluster (default: a local Ray instance).")
 @handle_errors
-def serve_cmd(bundle, host, port, device, threads, cuda_graph, prefer_nhwc, max_batch, max_wait_ms, max_queue,
-              timeout_s, drain_timeout_s, api_key_file, use_ray, replicas, min_replicas, max_replicas, ray_address):
+def serve_cmd(bundle, device, use_ray, replicas, min_replicas, max_replicas, ray_address, **values):
     """Serve a bundle over HTTP: POST /v1/generate -> WAV, GET /health, GET /metrics (SIGTERM drains)."""
-    from adm_export.serving.config import RayServeConfig, ServeConfig
+    from adm_export.serving.config import RayServeConfig
 
     level = logging.getLevelName(logging.getLogger("adm_export").level).lower()
     # An absolute path: Ray's replicas do not share this process's working directory.
-    cfg = ServeConfig(bundle=str(bundle.resolve()), host=host, port=port, device=device, threads=threads, cuda_graph=cuda_graph,
-                      prefer_nhwc=prefer_nhwc, max_batch=max_batch,
-                      max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_s=timeout_s,
-                      drain_timeout_s=drain_timeout_s, api_key_file=api_key_file,
-                      log_level=level if level in ("debug", "info", "warning") else "info")
+    cfg = SERVE.config(values, bundle=str(bundle.resolve()), device=device,
+                       log_level=level if level in ("debug", "info", "warning") else "info")
     if use_ray:
-        from adm_export.serving.ray_app import run_ray
-
-        ray_cfg = RayServeConfig(serve=cfg, num_replicas=replicas,
-                                 min_replicas=min_replicas if min_replicas is not None else 1,
-                                 max_replicas=max_replicas)
-        run_ray(ray_cfg, address=ray_address)
-        return
-    from adm_export.serving.server import serve
-
-    serve(cfg)
+        cfg = RayServeConfig(serve=cfg, num_replicas=replicas, min_replicas=min_replicas if min_replicas is not None
+                             else 1, max_replicas=max_replicas)
+    _api().serve(cfg, ray_address=ray_address)
 
 
 @cli.command("bundle")
 @click.argument("build_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Bundle folder to write.")
-@click.option("--force", is_flag=True, help="Overwrite a non-empty output folder.")
-@click.option("--model", default=None, help="Model to load (default: the engine's; must be the same weights).")
-@click.option("--max-seconds", type=float, default=30.0, show_default=True,
-              help="Longest clip the runtime accepts by default.")
+@out_options(help="Bundle folder to write.")
+@options(BUNDLE)
 @handle_errors
-def bundle_cmd(build_dir, out, force, model, max_seconds):
+def bundle_cmd(build_dir, out, force, **values):
     """Bundle a build for the torch-free runtime: engine, text encoder(s), VAE decoder, vocoder as ONNX."""
-    from adm_export.bundle import BundleConfig, bundle
-
-    result = bundle(BundleConfig(build_dir=str(build_dir), out=str(out), force=force, model=model,
-                                 max_seconds=max_seconds))
+    result = _api().bundle(BUNDLE.config(values, build_dir=str(build_dir), out=str(out), force=force))
     worst = max(max(p["rel_l2"]) for p in result.parity.values())
     click.echo(f"{len(result.files)} files, {sum(result.files.values()) / 1e6:.1f} MB; components vs torch: "
                f"max rel. L2 {worst:.1e} ({', '.join(result.parity)}) -> {out}")
@@ -640,13 +674,13 @@ def inspect(folder):
 @click.argument("build_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--baseline", "-b", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Committed baseline report (from --write-baseline or ci-gate.sh --update-baseline).")
-@click.option("--fd-tolerance", type=float, default=10.0, show_default=True,
+@click.option("--fd-tolerance", type=FINITE, default=10.0, show_default=True,
               help="Allowed rise of the FD increase over the baseline's, in percentage points.")
-@click.option("--size-tolerance", type=float, default=1.0, show_default=True,
+@click.option("--size-tolerance", type=FINITE, default=1.0, show_default=True,
               help="Allowed growth of the exported U-Net, in percent.")
-@click.option("--layer-tolerance", type=float, default=5.0, show_default=True,
+@click.option("--layer-tolerance", type=FINITE, default=5.0, show_default=True,
               help="Allowed drop of quantized compute layers, in percent.")
-@click.option("--drift-tolerance", type=float, default=5.0, show_default=True,
+@click.option("--drift-tolerance", type=FINITE, default=5.0, show_default=True,
               help="Allowed rise of the paired drift over the baseline's, in percentage points.")
 @click.option("--summary", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the diff table as Markdown to this file.")
@@ -661,7 +695,6 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
             write_baseline, build_args, show_build_args):
     """CI quality gate: compare a build folder with a baseline report (exit 0 ok, 2 regression, 1 error)."""
     from adm_export import ci_gate
-    from adm_export.artifacts import write_json
     from adm_export.errors import InvalidInputError
 
     if show_build_args:
@@ -670,20 +703,13 @@ def compare(build_dir, baseline, fd_tolerance, size_tolerance, layer_tolerance, 
     if build_dir is None:
         raise InvalidInputError("missing BUILD_DIR: give the output folder of adm-export build")
     if write_baseline:
-        baseline.parent.mkdir(parents=True, exist_ok=True)
-        write_json(baseline, ci_gate.make_baseline(build_dir, build_args))
+        ci_gate.write_baseline(build_dir, baseline, build_args)
         click.echo(f"baseline written: {baseline}")
         return
     tol = ci_gate.GateTolerances(fd_increase_pp=fd_tolerance, size_pct=size_tolerance,
                                  quantized_layers_pct=layer_tolerance, drift_pp=drift_tolerance)
-    base = ci_gate.load_baseline(baseline)
-    report, settings = ci_gate.load_build(build_dir)
-    result = ci_gate.compare(report, settings, base, tol, baseline_path=baseline)
+    result = ci_gate.run_gate(build_dir, baseline, tol, summary=summary, json_out=json_out)
     click.echo(ci_gate.format_table(result))
-    if summary is not None:
-        summary.write_text(ci_gate.format_markdown(result))
-    if json_out is not None:
-        write_json(json_out, {**result.to_dict(), "baseline": str(baseline), "build": str(build_dir)})
     if not result.passed:
         sys.exit(EXIT_GATE_FAILED)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from pathlib import Path
 from typing import Any
 
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 from adm_export.formats.capabilities import Placement, parse_target  # noqa: F401  (Placement: re-exported)
 from adm_export.formats.recipes import Precision
@@ -42,13 +44,23 @@ class SelectMethod(str, enum.Enum):
 
 
 def _positive(flag: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
 
 
-def _check_device(device: str) -> None:
-    if device not in ("cpu", "cuda"):
-        raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")
+def check_finite(cfg: Any, flags: dict[str, str]) -> None:
+    """Refuse NaN and infinity in every float field of a config (NaN passes every ``<``/``>`` check).
+
+    Args:
+        cfg: A config dataclass.
+        flags: Field name -> the CLI flag that sets it (for the message); other fields are named as is.
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InvalidInputError(f"invalid {flags.get(f.name, f.name)} {v!r}: must be a finite number")
 
 
 def parse_enum(enum_cls: type[enum.Enum], value: Any, flag: str) -> enum.Enum:
@@ -99,6 +111,7 @@ class CalibrationConfig:
     def __post_init__(self):
         object.__setattr__(self, "select", parse_enum(SelectMethod, self.select, "--select"))
         object.__setattr__(self, "stats_quantiles", tuple(float(q) for q in self.stats_quantiles))
+        check_finite(self, {"audio_seconds": "--seconds", "guidance_scale": "--guidance-scale"})
         if not all(0.0 < q < 1.0 for q in self.stats_quantiles):
             raise InvalidInputError(f"invalid stats_quantiles {self.stats_quantiles!r}: each must be in (0, 1)")
         _positive("--num-prompts", self.num_prompts)
@@ -106,7 +119,9 @@ class CalibrationConfig:
         _positive("--points", self.points)
         if self.audio_seconds <= 0:
             raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
-        _check_device(self.device)
+        if self.guidance_scale < 0:
+            raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +162,7 @@ class QuantizeConfig:
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "--precision"))
         if self.placement is not None:
             object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
+        check_finite(self, {"size_budget": "--size-budget"})
         if self.size_budget is not None and not 0 < self.size_budget <= 1:
             raise InvalidInputError(
                 f"invalid --size-budget {self.size_budget!r}: give a fraction of the FP32 size in (0, 1]"
@@ -162,7 +178,7 @@ class QuantizeConfig:
             raise InvalidInputError(f"invalid --sensitivity-frames {self.sensitivity_frames!r}: must be >= 0 (0: full)")
         if self.trajectory_check < 0:
             raise InvalidInputError(f"invalid --trajectory-check {self.trajectory_check!r}: must be >= 0 (0: off)")
-        _check_device(self.device)
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +204,7 @@ class ExportConfig:
         if self.opset < 13:
             raise InvalidInputError(f"invalid --opset {self.opset}: Q/DQ export needs opset >= 13")
         _positive("--parity-points", self.parity_points)
-        _check_device(self.device)
+        check_device(self.device, available=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +229,9 @@ class EngineConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "backend", parse_enum(EngineBackend, self.backend, "--engine"))
-        _check_device(self.device)
+        check_device(self.device, available=False)
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise InvalidInputError(f"invalid --threads {self.threads!r}: must be >= 0 (0: all cores)")
         if not 0 < self.parity_tolerance < 1:
             raise InvalidInputError(f"invalid --parity-tolerance {self.parity_tolerance!r}: must be in (0, 1)")
 
@@ -262,15 +280,84 @@ class EvalConfig:
     captions_file: str | None = None
 
     def __post_init__(self):
+        check_finite(self, {"audio_seconds": "--eval-seconds", "guidance_scale": "--guidance-scale",
+                            "max_fd_increase": "--max-fd-increase", "max_drift": "--max-drift"})
         _positive("--bootstrap", self.n_boot)
         if self.num_clips < 2:
             raise InvalidInputError(f"invalid --num-clips {self.num_clips}: FD needs at least 2 clips")
-        _positive("--steps", self.steps)
+        _positive("--eval-steps", self.steps)
+        if self.audio_seconds <= 0:
+            raise InvalidInputError(f"invalid --eval-seconds {self.audio_seconds!r}: must be > 0")
+        if self.guidance_scale < 0:
+            raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
         if self.max_fd_increase is not None and self.max_fd_increase < 0:
             raise InvalidInputError(f"invalid --max-fd-increase {self.max_fd_increase}: must be >= 0")
         if self.max_drift is not None and self.max_drift < 0:
             raise InvalidInputError(f"invalid --max-drift {self.max_drift}: must be >= 0")
-        _check_device(self.device)
+        check_device(self.device, available=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullPrecisionExportConfig:
+    """Settings of the full-precision export (``export-baseline``).
+
+    Attributes:
+        model: Model id (used when no adapter is passed).
+        fp16: Export the denoiser in FP16 (weights, activations, ``sample``/``class_labels`` and
+            the output); ``False`` exports FP32.
+        opset: ONNX opset.
+        device: Where torch traces and the parity check runs (``cuda`` for FP16 on a GPU).
+        audio_seconds: Length of the example input (the export keeps batch and frames dynamic).
+        parity: Compare ONNX Runtime with torch on one random input.
+    """
+
+    model: str = DEFAULT_MODEL
+    fp16: bool = True
+    opset: int = 17
+    device: str = "cpu"
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
+    parity: bool = True
+
+    def __post_init__(self):
+        check_finite(self, {"audio_seconds": "--seconds"})
+        if self.opset < 13:
+            raise InvalidInputError(f"invalid --opset {self.opset}: the export needs opset >= 13")
+        check_device(self.device, available=False)
+        if self.audio_seconds <= 0:
+            raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.fp16 else "fp32"
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleConfig:
+    """Settings of ``adm-export bundle``.
+
+    Attributes:
+        build_dir: A build folder (its ``engines/``) or an engines folder itself.
+        out: The bundle folder to write.
+        force: Replace a non-empty ``out``.
+        model: Model id to load; ``None``: the engine's own (must match its weight fingerprint).
+        max_seconds: Longest clip the runtime accepts by default (memory grows with length; the
+            families were trained on ~10 s clips).
+        opset: ONNX opset of the exported components.
+    """
+
+    build_dir: str
+    out: str
+    force: bool = False
+    model: str | None = None
+    max_seconds: float = 30.0
+    opset: int = 17
+
+    def __post_init__(self):
+        check_finite(self, {"max_seconds": "--max-seconds"})
+        if not self.max_seconds > 0:
+            raise InvalidInputError(f"invalid --max-seconds {self.max_seconds!r}: must be > 0")
+        if self.opset < 14:
+            raise InvalidInputError(f"invalid --opset {self.opset}: the components need opset >= 14")
 
 
 @dataclasses.dataclass(frozen=True)

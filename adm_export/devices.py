@@ -1,4 +1,7 @@
-"""Device and dtype placement of denoiser inputs, and FP32 arithmetic for measurements on a GPU.
+"""The ``--device`` check, device and dtype placement of denoiser inputs, and FP32 arithmetic on a GPU.
+
+:func:`check_device` is the one check of a device name and of CUDA being there; every config,
+stage, session and the runtime use it.
 
 Stages keep their data on the CPU (the calibration cache is read from safetensors onto the host,
 parity points come from it, references are compared there), while the model runs where
@@ -17,22 +20,41 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-def check_device(device: str) -> None:
-    """Refuse ``--device cuda`` where torch sees no CUDA GPU, with one line (before any work).
+#: Devices every stage runs on (``--device``).
+DEVICES = ("cpu", "cuda")
+
+
+def check_device(device: str, flag: str = "--device", *, available: bool = True, index: bool = False) -> str:
+    """The one check of a device (configs, load_model, exports, sessions, embedders, the runtime).
+
+    Args:
+        device: ``cpu`` or ``cuda`` (``cuda:N`` too where ``index`` is set).
+        flag: The option that set it, for the message.
+        available: Also refuse ``cuda`` when torch sees no CUDA GPU (imports torch). Configs pass
+            ``False`` so that a bad option is refused without importing torch; the stages check
+            availability where the work starts (``load_model``, the exports, sessions).
+        index: Accept ``cuda:N``.
+
+    Returns:
+        ``device``.
 
     Raises:
-        InvalidInputError: ``device`` is ``cuda`` (or ``cuda:N``) and CUDA is not available.
+        InvalidInputError: Not a device name, or (``available``) CUDA is not available.
     """
-    if not str(device).startswith("cuda"):
-        return
-    import torch
+    from adm_export.errors import InvalidInputError
 
-    if not torch.cuda.is_available():
-        from adm_export.errors import InvalidInputError
+    indexed = index and isinstance(device, str) and device.startswith("cuda:") and device[5:].isdigit()
+    if not isinstance(device, str) or (device not in DEVICES and not indexed):
+        raise InvalidInputError(f"invalid {flag} {device!r}: choose {' or '.join(DEVICES)}")
+    if available and device.startswith("cuda"):
+        import torch
 
-        why = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
-        raise InvalidInputError(f"--device {device} but torch {torch.__version__} sees no CUDA GPU ({why}); "
-                                "use --device cpu, or run on a machine with an NVIDIA GPU and a CUDA build of torch")
+        if not torch.cuda.is_available():
+            why = "a CPU-only build" if torch.version.cuda is None else "a CUDA build, but no GPU is visible"
+            raise InvalidInputError(f"{flag} {device} but torch {torch.__version__} sees no CUDA GPU ({why}); "
+                                    f"use {flag} cpu, or run on a machine with an NVIDIA GPU and a CUDA build of "
+                                    "torch")
+    return device
 
 
 #: Inputs never narrowed below FP32 when a module runs in FP16/BF16: the engines take FP32

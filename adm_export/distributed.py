@@ -54,6 +54,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from adm_export.artifacts import atomic_file
 from adm_export.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -308,16 +309,8 @@ class ShardStore:
         """Write one unit's result atomically (temporary file, then rename)."""
         import torch
 
-        final = self.path(unit)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
+        with atomic_file(self.path(unit)) as tmp:
             torch.save({"key": self.key, "unit": unit, "data": data}, tmp)
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
 
     def load(self, unit: str) -> Any:
         """One unit's result (tensors, numbers, strings, lists and dicts of them)."""

@@ -28,6 +28,14 @@ class OutputExistsError(AdmExportError):
     """The output folder is not empty and ``--force`` was not given."""
 
 
+class OutputLockedError(AdmExportError):
+    """Another process is writing the same output folder (its lock file is held)."""
+
+
+class OutOfMemoryError(AdmExportError):
+    """A stage ran out of memory; the message names the options to lower."""
+
+
 class InvalidInputError(AdmExportError):
     """A value given by the user is out of range or malformed."""
 

@@ -61,9 +61,10 @@ def _heartbeat(iterable: Iterable[T], desc: str, total: int | None, unit: str) -
 
 
 @contextlib.contextmanager
-def timed_stage(name: str, logger: logging.Logger, timings: dict | None = None) -> Iterator[None]:
-    """Log a stage's start and finish with its duration; store seconds in ``timings[name]``."""
-    logger.info("%s: started", name)
+def timed_stage(name: str, logger: logging.Logger, timings: dict | None = None,
+                start_level: int = logging.INFO) -> Iterator[None]:
+    """Log a stage's start (at ``start_level``) and finish with its duration; store seconds in ``timings[name]``."""
+    logger.log(start_level, "%s: started", name)
     start = time.perf_counter()
     yield
     seconds = time.perf_counter() - start

@@ -45,7 +45,7 @@ def main() -> int:
 
     import torch
 
-    from adm_export.build import build
+    import adm_export
     from adm_export.config import BuildConfig, CalibrationConfig
     from adm_export.engines.onnxruntime import OrtRunner, make_session
     from adm_export.export.onnx import onnx_file_bytes, torch_to_onnx
@@ -58,7 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "build"
         t0 = time.perf_counter()
-        report = build(BuildConfig(out=out, calibration=CalibrationConfig(model=args.model)))
+        report = adm_export.build(BuildConfig(out=out, calibration=CalibrationConfig(model=args.model))).report
         total = time.perf_counter() - t0
         adapter = load_model(args.model)
         spec = adapter.denoiser_spec()

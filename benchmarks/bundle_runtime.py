@@ -42,7 +42,8 @@ def timed(fn, runs: int) -> float:
 def measure(model_id: str, args, tmp: Path) -> dict:
     import torch
 
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export import bundle
+    from adm_export.config import BundleConfig
     from adm_export.engines.stage import load_ort_denoiser
     from adm_export.models import load_model
     from adm_export.runtime import BundleRuntime, GenerationRequest, RuntimeOptions

@@ -80,7 +80,7 @@ def build_family(name: str):
     from adm_export.models.conditioning import TextCondSpec
 
     if name == "audioldm-s":
-        from adm_export.models.audioldm import _AudioLDMExport
+        from adm_export.models.denoisers import AudioLDMDenoiser
 
         unet = _on_meta(lambda: UNet2DConditionModel(**embedded.audioldm_s_unet_config()))
         spec = TextCondSpec(
@@ -88,11 +88,11 @@ def build_family(name: str):
                     TensorSpec("class_labels", ("batch", 512))),
             outputs=(TensorSpec("noise_pred", ("batch", 8, "frames", 16)),),
             latent_frames_per_second=25.0, frame_multiple=8)
-        return unet, SizeAdapter(spec, _AudioLDMExport.make), "cvssp/audioldm-s-full-v2 U-Net config"
+        return unet, SizeAdapter(spec, AudioLDMDenoiser), "cvssp/audioldm-s-full-v2 U-Net config"
     if name == "audioldm2":
         from diffusers import AudioLDM2UNet2DConditionModel
 
-        from adm_export.models.audioldm2 import _Export
+        from adm_export.models.denoisers import AudioLDM2Denoiser
 
         unet = _on_meta(lambda: AudioLDM2UNet2DConditionModel(**embedded.audioldm2_unet_config()))
         names = ("sample", "timestep", "encoder_hidden_states", "encoder_hidden_states_1", "encoder_attention_mask_1")
@@ -103,9 +103,10 @@ def build_family(name: str):
                     TensorSpec("encoder_attention_mask_1", ("batch", 128))),
             outputs=(TensorSpec("noise_pred", ("batch", 8, "frames", 16)),),
             latent_frames_per_second=25.0, frame_multiple=8)
-        return unet, SizeAdapter(spec, lambda m: _Export.make(m, names)), "cvssp/audioldm2 U-Net config"
+        return unet, SizeAdapter(spec, lambda m: AudioLDM2Denoiser(m, names)), "cvssp/audioldm2 U-Net config"
     if name == "tango":
-        from adm_export.models.tango import TANGO_UNET_CONFIG, _Export
+        from adm_export.models.denoisers import TangoDenoiser
+        from adm_export.models.tango import TANGO_UNET_CONFIG
 
         unet = _on_meta(lambda: UNet2DConditionModel(**TANGO_UNET_CONFIG))
         spec = TextCondSpec(
@@ -114,7 +115,7 @@ def build_family(name: str):
                     TensorSpec("encoder_attention_mask", ("batch", 128))),
             outputs=(TensorSpec("noise_pred", ("batch", 8, "frames", 16)),),
             latent_frames_per_second=25.0, frame_multiple=8)
-        return unet, SizeAdapter(spec, _Export.make), "declare-lab/tango diffusion_model_config.json"
+        return unet, SizeAdapter(spec, TangoDenoiser), "declare-lab/tango diffusion_model_config.json"
     if name == "make-an-audio":
         from adm_export.models.make_an_audio.config import MAKE_AN_AUDIO_UNET_CONFIG
         from adm_export.models.make_an_audio.pipeline import MakeAnAudioDenoiser

@@ -85,7 +85,8 @@ def variant(entry: str) -> tuple[str, str | None, str | None]:
 
 def prepare(size: str, adapter, args) -> dict:
     """FP32 export and the project's INT8 Q/DQ export (and ONNX Runtime's own QDQ with --ort-native)."""
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
 
     work = args.workdir / size
     info = {}

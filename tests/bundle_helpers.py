@@ -25,7 +25,8 @@ def fp32_engines(adapter, build_dir: Path) -> Path:
     from adm_export.config import EngineConfig
     from adm_export.engines.stage import build_engines
     from adm_export.errors import MissingDependencyError
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
 
     spec = adapter.denoiser_spec()
     onnx_dir = build_dir / "onnx"

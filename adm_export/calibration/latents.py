@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from adm_export.artifacts import atomic_dir, prepare_out_dir, write_manifest
+from adm_export.artifacts import atomic_dir, write_manifest
 from adm_export.calibration.cache import STAGE, save_points
 from adm_export.calibration.prompts import build_prompt_set
 from adm_export.calibration.selection import select_activation, summarize
@@ -220,12 +220,14 @@ def _kept_of(units: Sequence[dict]) -> tuple[dict, dict]:
 
 
 @exact_float32()  # the cache holds the FP32 model's own trajectories, on any device
-def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adapter=None) -> dict:
+def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adapter=None) -> dict | None:
     """Run the ``calibrate`` stage: prompts -> sampler trajectories -> selected points -> cache.
 
     Under torchrun the prompts' sampler runs are split over the ranks (one prompt per resumable
-    shard, :mod:`adm_export.distributed`); rank 0 merges the statistics, selects, writes the cache
-    and every rank returns its manifest. The cache is bit-identical for any number of processes.
+    shard, :mod:`adm_export.distributed`); rank 0 merges the statistics, selects and writes the
+    cache. The cache is bit-identical for any number of processes. The stage runner
+    (:func:`adm_export.stages.api.calibrate`) checks and locks ``out``, sets the shard area and
+    broadcasts the manifest to every rank.
 
     Args:
         cfg: Calibration settings.
@@ -234,19 +236,8 @@ def calibrate(cfg: CalibrationConfig, out: str | Path, force: bool = False, adap
         adapter: An already loaded model adapter (``build`` shares one between stages).
 
     Returns:
-        The cache manifest.
+        The cache manifest on rank 0, ``None`` on the other ranks.
     """
-    from adm_export import distributed as dist
-
-    if not force:
-        prepare_out_dir(out, False)  # refuse a non-empty folder before the work (on every rank)
-    with dist.shard_area(out):
-        # Every rank runs _calibrate (its share of the sampler runs); rank 0 writes the cache.
-        return dist.broadcast(_calibrate(cfg, out, force, adapter))
-
-
-def _calibrate(cfg: CalibrationConfig, out: str | Path, force: bool, adapter) -> dict | None:
-    """:func:`calibrate` on one rank; the manifest on rank 0, ``None`` on the others."""
     import torch
 
     from adm_export import distributed as dist
@@ -261,6 +252,10 @@ def _calibrate(cfg: CalibrationConfig, out: str | Path, force: bool, adapter) ->
     prompt_set = build_prompt_set(captions, cfg.num_prompts, cfg.seed, augment=cfg.augment,
                                   seeds_first=False)
     prompts = list(prompt_set.prompts)
+    pairs = len(prompts) * cfg.steps
+    if main and cfg.select != SelectMethod.ALL and cfg.points > pairs:
+        logger.warning("--points %d is more than the %d (prompt, step) pairs of %d prompt(s) x %d steps: keeping %d; "
+                       "raise --num-prompts or --steps for more", cfg.points, pairs, len(prompts), cfg.steps, pairs)
     cfg_rows = 2 if cfg.guidance_scale > 1.0 else 1
     recorder = StatsRecorder(adapter.denoiser, len(prompts), cfg.steps)
     names = [t.name for t in adapter.denoiser_spec().inputs]

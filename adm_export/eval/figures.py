@@ -44,11 +44,12 @@ def _figure(width: float, height: float):
 
 def _save(fig, path: str | Path) -> Path:
     """Write a PNG through a temporary name and an atomic rename."""
+    from adm_export.artifacts import atomic_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=DPI)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
     logger.debug("figure written: %s", path)
     return path
 

@@ -157,7 +157,7 @@ def _full_precision_run(adapter, prompts: Sequence[str], seeds: Sequence[int], c
 
 
 def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = None, force: bool = False,
-             adapter=None, model_id: str | None = None, embedder=None) -> dict:
+             adapter=None, model_id: str | None = None, embedder=None) -> dict | None:
     """Run the ``eval`` stage and return its results (the ``eval`` section of the report).
 
     Args:
@@ -171,25 +171,14 @@ def evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None = N
         embedder: An already built embedder (default: ``cfg.embedder`` via ``get_embedder``).
 
     Returns:
-        The eval result; ``result["gate"]["passed"]`` is the quality gate's verdict.
+        The eval result on rank 0 (``result["gate"]["passed"]`` is the quality gate's verdict),
+        ``None`` on the other ranks. Under torchrun every rank generates its share of the clips;
+        rank 0 scores and writes. The stage runner (:func:`adm_export.stages.api.evaluate`) checks
+        and locks ``out``, sets the shard area and broadcasts the result to every rank.
     """
     from adm_export import distributed as dist
-
-    if out is not None and not force:
-        from adm_export.artifacts import prepare_out_dir
-
-        prepare_out_dir(out, False)  # refuse a non-empty folder before the work (on every rank)
-    # Under torchrun every rank generates its share of the clips; rank 0 scores and writes, and
-    # every rank returns rank 0's result.
-    with dist.shard_area(out):
-        return dist.broadcast(_evaluate(cfg, engine_dir, out, force, adapter, model_id, embedder))
-
-
-def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, force: bool, adapter,
-              model_id: str | None, embedder) -> dict | None:
-    """:func:`evaluate` on one rank: the result on rank 0, ``None`` on the others."""
-    from adm_export import distributed as dist
     from adm_export.artifacts import manifest_digest
+    from adm_export.engines.memory import attention_materialized, check_attention_memory, score_bytes
     from adm_export.engines.onnxruntime import OrtOptions
     from adm_export.engines.stage import load_ort_denoiser, served_graph
     from adm_export.eval.embedders import get_embedder
@@ -203,6 +192,10 @@ def _evaluate(cfg: EvalConfig, engine_dir: str | Path, out: str | Path | None, f
     options = OrtOptions.serving(cfg.device, device_id=dist.local_rank())
     served_graph(engine_dir, options, manifest)  # a CPU engine on --device cuda etc.: one line, before any work
     adapter = adapter or load_model(model_id or manifest["model"]["id"], cfg.device)
+    if attention_materialized(manifest, cfg.device):  # a length whose attention cannot fit: one line, now
+        check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds),
+                               min(CHUNK, cfg.num_clips) * (2 if cfg.guidance_scale > 1 else 1), cfg.device,
+                               "--eval-seconds", value_bytes=score_bytes(manifest, cfg.device))
     denoiser, _ = load_ort_denoiser(engine_dir, adapter, cfg.device, options=options)
     defaults = model_defaults(adapter.model_id)
     embedder = embedder or get_embedder(cfg.embedder or defaults["embedder"], checkpoint=cfg.embedder_checkpoint,

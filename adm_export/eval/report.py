@@ -7,7 +7,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from adm_export.artifacts import library_versions, write_json
+from adm_export.artifacts import library_versions, write_json, write_text
 
 
 def make_report(model: dict, precision: str, device: str, timings: dict, onnx_manifest: dict | None,
@@ -422,10 +422,7 @@ def render_quantization(quant: dict, top: int = 10) -> list[str]:
 def write_report(folder: Path, report: dict) -> None:
     """Write ``report.json`` and ``report.md`` into ``folder`` (each atomically)."""
     write_json(folder / "report.json", report)
-    md = folder / "report.md"
-    tmp = md.with_name(".report.md.tmp")
-    tmp.write_text(render_markdown(report))
-    tmp.replace(md)
+    write_text(folder / "report.md", render_markdown(report))
 
 
 def load_report(path: str | Path) -> dict:

@@ -15,52 +15,17 @@ The result is an ordinary ``onnx`` artifact (``precision`` ``fp16`` or ``fp32``)
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_manifest
-from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, to_dict
-from adm_export.errors import InvalidInputError
+from adm_export.config import FullPrecisionExportConfig, to_dict
+from adm_export.devices import check_device
 
 logger = logging.getLogger(__name__)
 
 STAGE = "onnx"
 ONNX_FILE = "unet.onnx"
-
-
-@dataclasses.dataclass(frozen=True)
-class FullPrecisionExportConfig:
-    """Settings of the full-precision export.
-
-    Attributes:
-        model: Model id (used when no adapter is passed).
-        fp16: Export the denoiser in FP16 (weights, activations, ``sample``/``class_labels`` and
-            the output); ``False`` exports FP32.
-        opset: ONNX opset.
-        device: Where torch traces and the parity check runs (``cuda`` for FP16 on a GPU).
-        audio_seconds: Length of the example input (the export keeps batch and frames dynamic).
-        parity: Compare ONNX Runtime with torch on one random input.
-    """
-
-    model: str = DEFAULT_MODEL
-    fp16: bool = True
-    opset: int = 17
-    device: str = "cpu"
-    audio_seconds: float = DEFAULT_AUDIO_SECONDS
-    parity: bool = True
-
-    def __post_init__(self):
-        if self.opset < 13:
-            raise InvalidInputError(f"invalid --opset {self.opset}: the export needs opset >= 13")
-        if self.device not in ("cpu", "cuda"):
-            raise InvalidInputError(f"invalid --device {self.device!r}: choose cpu or cuda")
-        if self.audio_seconds <= 0:
-            raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
-
-    @property
-    def precision(self) -> str:
-        return "fp16" if self.fp16 else "fp32"
 
 
 def _example(spec, frames: int, fp16: bool, device: str) -> dict:
@@ -133,8 +98,6 @@ def export_full_precision(cfg: FullPrecisionExportConfig, out: str | Path, adapt
     from adm_export.export.onnx import onnx_file_bytes, save_onnx, torch_to_onnx
     from adm_export.numerics import rel_l2
     from adm_export.models import load_model
-
-    from adm_export.devices import check_device
 
     check_device(cfg.device)
     # 1. The module in the export dtype, on the tracing device.

@@ -9,6 +9,10 @@
   the DequantizeLinear feeds the MatMul directly, the pattern TensorRT and ONNX Runtime fuse.
 * :func:`qdq_report` checks that every quantized Conv/MatMul/Gemm has DequantizeLinear on both its
   activation and its weight, and counts what is left in float.
+
+Over 500 lines on purpose: these passes share the graph helpers at the top (producers, consumers,
+initializer access) and run in order on one graph; split, every module would carry the same helpers
+or import them from a fourth.
 """
 
 from __future__ import annotations

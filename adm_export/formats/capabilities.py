@@ -223,6 +223,12 @@ def placement_for(target: Target | str, requested: Placement | str | None = None
     return {"value": placement.value, "reason": f"--target {target.value}: {why}", "source": "--target"}
 
 
+def default_target(engine: str, device: str) -> str:
+    """The target formats are checked against (and the placement chosen for) when ``--target`` is
+    not given: :data:`ENGINE_TARGET` for ``--engine`` on ``--device``."""
+    return target_for(engine, device).value
+
+
 def capability(target: Target | str, fmt: str, kind: str) -> Capability:
     """How ``target`` runs a layer of ``kind`` in ``fmt``."""
     return TABLE[parse_target(target)].get((fmt, kind), Capability(None, "not in the capability table"))

@@ -41,7 +41,6 @@ per layer after a deny-all entry, so ModelOpt's own wildcard resolution cannot d
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 import fnmatch
@@ -70,6 +69,39 @@ INT4_BLOCK = 128
 # ONNX Runtime's blocked INT4 kernels want a power of two >= 16.
 _BLOCK_CHOICES = (128, 64, 32, 16)
 DEFAULT_CANDIDATES = (Format.FP16, Format.INT8, Format.FP8, Format.W4A8)
+
+#: Per format: (weight encoding, activation encoding); ``None``: not quantized. The one table of what a
+#: format means in bits; :func:`quantizer_cfg` gives each encoding's ModelOpt config.
+ENCODINGS: dict[Format, tuple[str, str | None]] = {
+    Format.FP16: ("fp16", None),
+    Format.INT8: ("int8", "int8"),
+    Format.FP8: ("fp8", "fp8"),
+    Format.W4A8: ("int4", "int8"),
+    Format.W4A16: ("int4", None),
+    Format.AUTO: ("fp16", None),  # until the search decides
+}
+
+
+def quantizer_cfg(encoding: str | None, role: str, kind: str = LINEAR, block: int | None = INT4_BLOCK) -> dict | None:
+    """ModelOpt attribute config of one quantizer (``None``: disabled).
+
+    Args:
+        encoding: ``int8``, ``fp8``, ``int4`` (weights only), ``fp16`` or ``None`` (not quantized).
+        role: ``weight`` (INT8 per output channel) or ``input``/``output`` (per tensor).
+        kind: ``conv`` or ``linear``: where INT4 blocks run (the input axis: the last axis of a linear
+            weight (out, in), axis 1 of a conv weight (out, in, kh, kw), never a 3-wide kernel axis).
+        block: INT4 block size along that axis.
+    """
+    if encoding in (None, "fp16"):
+        return None
+    if encoding == "int8":
+        return {"num_bits": 8, "axis": 0 if role == "weight" else None}
+    if encoding == "fp8":
+        return {"num_bits": (4, 3), "axis": None}
+    if encoding == "int4" and role == "weight":
+        return {"num_bits": 4, "block_sizes": {(-1 if kind == LINEAR else 1): block, "type": "static"}}
+    raise ValueError(f"no {role} quantizer for encoding {encoding!r}")
+
 
 # Layers NVIDIA's diffusion recipe (ModelOpt's diffusers example) keeps in high precision.
 HIGH_PRECISION_LAYERS = [
@@ -242,11 +274,11 @@ def policy_from_dict(data: dict, where: str = "--policy") -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Read a policy JSON file (``--policy FILE``)."""
     path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(f"--policy {str(path)!r}: file not found")
     try:
         data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InvalidInputError(f"--policy {str(path)!r}: file not found") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidInputError(f"--policy {str(path)!r}: not valid JSON ({exc})") from None
     return policy_from_dict(data, f"--policy {path.name}")
 
@@ -312,14 +344,8 @@ def realize(name: str, kind: str, module, requested: Format, int4_convs: bool, w
         elif block is None:
             fmt = Format.INT8 if requested == Format.W4A8 else Format.FP16
             note = f"input axis {in_ch} is not a multiple of 16: no INT4 blocks, falls back"
-    weight, act, block = {
-        Format.FP16: ("fp16", None, None),
-        Format.INT8: ("int8", "int8", None),
-        Format.FP8: ("fp8", "fp8", None),
-        Format.W4A8: ("int4", "int8", int4_block(kind, in_ch)),
-        Format.W4A16: ("int4", None, int4_block(kind, in_ch)),
-        Format.AUTO: ("fp16", None, None),  # until the search decides
-    }[fmt]
+    weight, act = ENCODINGS[fmt]
+    block = int4_block(kind, in_ch) if weight == "int4" else None
     return LayerPlan(name, kind, requested.value, fmt.value, weight, act, block, params, out_ch, note,
                      tuple(c.value for c in candidates))
 
@@ -348,16 +374,8 @@ def with_format(plan: LayerPlan, fmt: str, module, int4_convs: bool, why: str | 
 
 def quantizer_cfgs(plan: LayerPlan) -> dict[str, dict | None]:
     """ModelOpt attribute configs of a layer's weight and input quantizers (``None``: disabled)."""
-    weight = {
-        "fp16": None,
-        "int8": {"num_bits": 8, "axis": 0},
-        "fp8": {"num_bits": (4, 3), "axis": None},
-        # Block along the input axis: last axis of a linear weight (out, in), axis 1 of a conv
-        # weight (out, in, kh, kw) -- never along the 3-wide kernel axes.
-        "int4": {"num_bits": 4, "block_sizes": {(-1 if plan.kind == LINEAR else 1): plan.block, "type": "static"}},
-    }[plan.weight]
-    act = {None: None, "int8": {"num_bits": 8, "axis": None}, "fp8": {"num_bits": (4, 3), "axis": None}}[plan.activation]
-    return {"weight": copy.deepcopy(weight), "input": copy.deepcopy(act)}
+    return {"weight": quantizer_cfg(plan.weight, "weight", plan.kind, plan.block),
+            "input": quantizer_cfg(plan.activation, "input")}
 
 
 def compile_quant_cfg(plans: Iterable[LayerPlan], output_quantizers: Iterable[str] = ()) -> dict:
@@ -378,7 +396,7 @@ def compile_quant_cfg(plans: Iterable[LayerPlan], output_quantizers: Iterable[st
         if cfgs["input"] is not None:
             entries.append({"quantizer_name": f"{esc}.input_quantizer", "cfg": cfgs["input"]})
         if p.name in outputs:
-            entries.append({"quantizer_name": f"{esc}.output_quantizer", "cfg": {"num_bits": 8, "axis": None}})
+            entries.append({"quantizer_name": f"{esc}.output_quantizer", "cfg": quantizer_cfg("int8", "output")})
     return {"quant_cfg": entries, "algorithm": "max"}
 
 

@@ -27,14 +27,16 @@ class Precision(str, enum.Enum):
 # engine runs in INT8 and which only add error).
 _COMPUTE_CLASSES = ("nn.Conv2d", "nn.Linear")
 
-_FORMATS = {
-    Precision.INT8: {"weight": {"num_bits": 8, "axis": 0}, "input": {"num_bits": 8, "axis": None}},
-    Precision.FP8: {"weight": {"num_bits": (4, 3), "axis": None}, "input": {"num_bits": (4, 3), "axis": None}},
-    Precision.W4A8: {"weight": {"num_bits": 4, "block_sizes": {-1: _policy.INT4_BLOCK, "type": "static"}},
-                     "input": {"num_bits": 8, "axis": None},
-                     "convolutions": "int8 (no INT4 convolution in TensorRT)"},
-    Precision.MIXED: {"search": "per layer among fp16/int8/fp8/w4a8 under --size-budget"},
-}
+
+def _formats(precision: Precision) -> dict:
+    """What a preset's format means in bits (from the policy's one table), for manifests."""
+    if precision == Precision.MIXED:
+        return {"search": "per layer among fp16/int8/fp8/w4a8 under --size-budget"}
+    weight, act = _policy.ENCODINGS[_policy.Format(precision.value)]
+    out = {"weight": _policy.quantizer_cfg(weight, "weight"), "input": _policy.quantizer_cfg(act, "input")}
+    if weight == "int4":
+        out["convolutions"] = "int8 (no INT4 convolution in TensorRT)"
+    return out
 
 
 def quant_config(precision: Precision | str) -> dict:
@@ -64,7 +66,7 @@ def describe(precision: Precision | str, policy=None) -> dict:
     return {
         "precision": precision.value,
         "policy": pol.to_dict(),
-        "formats": _FORMATS.get(precision),
+        "formats": _formats(precision),
         "quantized_classes": list(_COMPUTE_CLASSES),
         "high_precision": [{"pattern": r.pattern, "why": r.why} for r in pol.rules if r.format.value == "fp16"],
     }

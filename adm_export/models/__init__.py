@@ -90,7 +90,7 @@ def load_model(model_id: str, device: str = "cpu", revision: str | None = None) 
     from adm_export.devices import check_device
     from adm_export.models.embedded import EMBEDDED
 
-    check_device(device)
+    check_device(device, index=True)
     if model_id in EMBEDDED:
         family, build = EMBEDDED[model_id]
         pipeline = build()
@@ -129,7 +129,10 @@ def _load_pretrained(model_id: str, revision: str | None):
                 f"model_index.json) nor a TANGO or Make-An-Audio folder in its published layout (README); save one "
                 f"with pipeline.save_pretrained(DIR) or use --model tiny-audioldm"
             )
-        class_name = json.loads(index.read_text()).get("_class_name")
+        try:
+            class_name = json.loads(index.read_text()).get("_class_name")
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            raise ModelNotFoundError(f"--model {model_id!r}: model_index.json is not a pipeline index ({exc})") from None
     else:
         class_name = None
     if class_name is not None and class_name not in _PIPELINE_FAMILIES:

@@ -12,27 +12,6 @@ from typing import Any, Sequence
 from adm_export.models.base import DenoiserSpec, DiffusersUNetAdapter, TensorSpec
 
 
-class _AudioLDMExport:
-    """Factory of the export module (kept out of import time: it subclasses torch.nn.Module)."""
-
-    @staticmethod
-    def make(unet):
-        import torch
-
-        class AudioLDMDenoiser(torch.nn.Module):
-            """``(sample, timestep, class_labels) -> noise``: the U-Net with positional inputs."""
-
-            def __init__(self, unet):
-                super().__init__()
-                self.unet = unet
-
-            def forward(self, sample, timestep, class_labels):
-                return self.unet(sample, timestep, encoder_hidden_states=None, class_labels=class_labels,
-                                 return_dict=False)[0]
-
-        return AudioLDMDenoiser(unet)
-
-
 class AudioLDMAdapter(DiffusersUNetAdapter):
     """Adapter of diffusers' ``AudioLDMPipeline`` (AudioLDM-S/M/L and the embedded tiny model)."""
 
@@ -72,7 +51,9 @@ class AudioLDMAdapter(DiffusersUNetAdapter):
         return {"sample": sample, "timestep": t, "class_labels": class_labels}
 
     def export_module(self, denoiser=None):
-        return _AudioLDMExport.make(denoiser if denoiser is not None else self.denoiser)
+        from adm_export.models.denoisers import AudioLDMDenoiser
+
+        return AudioLDMDenoiser(denoiser if denoiser is not None else self.denoiser)
 
 
 

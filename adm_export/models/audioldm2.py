@@ -29,13 +29,11 @@ from typing import Any, Sequence
 
 from adm_export.errors import InvalidInputError, ModelNotFoundError
 from adm_export.models.base import DiffusersUNetAdapter, TensorSpec
-from adm_export.models.conditioning import TextCondSpec, call_arg, pad_tokens, timestep_rows, usable_length
+from adm_export.models.conditioning import (DEFAULT_TEXT_LEN, TextCondSpec, call_arg, pad_tokens, timestep_rows,
+                                            usable_length)
 
 logger = logging.getLogger(__name__)
 
-# The published checkpoints truncate T5 input at 128 tokens (hard-coded in the original code);
-# a tokenizer without a real limit gets this one.
-DEFAULT_TEXT_LEN = 128
 DEFAULT_GENERATED_TOKENS = 8
 
 
@@ -78,34 +76,6 @@ def ensure_language_model_generation(pipeline) -> bool:
     logger.debug("AudioLDM2: %s has no generation helpers; using the adapter's hidden-state loop",
                  type(pipeline.language_model).__name__)
     return True
-
-
-class _Export:
-    """Factory of the export module (kept out of import time: it subclasses torch.nn.Module)."""
-
-    @staticmethod
-    def make(unet, names: tuple[str, ...]):
-        import torch
-
-        class AudioLDM2Denoiser(torch.nn.Module):
-            """``(sample, timestep, encoder_hidden_states[, encoder_hidden_states_1, encoder_attention_mask_1])``."""
-
-            def __init__(self, unet):
-                super().__init__()
-                self.unet = unet
-                self.names = names
-
-            def forward(self, *inputs):
-                x = dict(zip(self.names, inputs))
-                return self.unet(
-                    x["sample"], x["timestep"],
-                    encoder_hidden_states=x["encoder_hidden_states"],
-                    encoder_hidden_states_1=x.get("encoder_hidden_states_1"),
-                    encoder_attention_mask_1=x.get("encoder_attention_mask_1"),
-                    return_dict=False,
-                )[0]
-
-        return AudioLDM2Denoiser(unet)
 
 
 class AudioLDM2Adapter(DiffusersUNetAdapter):
@@ -204,7 +174,9 @@ class AudioLDM2Adapter(DiffusersUNetAdapter):
 
     def export_module(self, denoiser=None):
         names = tuple(t.name for t in self.denoiser_spec().inputs)
-        return _Export.make(denoiser if denoiser is not None else self.denoiser, names)
+        from adm_export.models.denoisers import AudioLDM2Denoiser
+
+        return AudioLDM2Denoiser(denoiser if denoiser is not None else self.denoiser, names)
 
 
     # -- sampling ---------------------------------------------------------------------------------

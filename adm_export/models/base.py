@@ -141,6 +141,22 @@ class ModelAdapter(abc.ABC):
                  guidance_scale: float) -> list:
         """Run the sampler: one waveform (numpy float32) per prompt, each from its own seed."""
 
+    def attention_bytes(self, rows: int, seconds: float, value_bytes: int = 4) -> int | None:
+        """Bytes of the largest self-attention score matrix one denoiser call holds.
+
+        An exported U-Net computes attention as MatMul -> Softmax -> MatMul (ONNX Runtime, also
+        its fused kernels on the CPU), holding ``rows x heads x tokens x tokens`` scores, where
+        ``tokens`` is the latent's frames x width at that resolution: quadratic in the audio length,
+        and the term that runs a long clip out of memory (600 s of AudioLDM: 115 GB). ``None``
+        where the family does not say (then nothing is estimated).
+
+        Args:
+            rows: Batch rows of one call (prompts x 2 with classifier-free guidance).
+            seconds: Audio length.
+            value_bytes: Bytes per score (4: FP32, 2: an FP16 engine).
+        """
+        return None
+
     def engine_seconds(self, seconds: float) -> float:
         """The audio length to sample so the latent fits an exported denoiser (>= ``seconds``).
 
@@ -240,6 +256,26 @@ class DiffusersUNetAdapter(ModelAdapter):
         # Half a sample more than the exact length, so the pipeline's int() cannot round down.
         samples = target * self.pipeline.vae_scale_factor * self.vocoder_hop() + 0.5
         return samples / self.sampling_rate
+
+    def attention_bytes(self, rows: int, seconds: float, value_bytes: int = 4) -> int | None:
+        # The diffusers U-Nets (UNet2DConditionModel and AudioLDM2's) attend in their CrossAttn
+        # blocks; level i runs at 1/2**i of the latent's size. ``attention_head_dim`` is the number
+        # of heads there unless ``num_attention_heads`` is set (diffusers' legacy naming).
+        cfg = getattr(self.pipeline.unet, "config", None)
+        if cfg is None or not hasattr(cfg, "down_block_types"):
+            return None
+        heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim")
+        blocks = list(cfg.down_block_types)
+        heads = [int(heads)] * len(blocks) if isinstance(heads, int) else [int(h) for h in heads]
+        sample = next(t for t in self.denoiser_spec().inputs if t.name == "sample")
+        frames = self.denoiser_spec().frames_for_seconds(seconds)
+        width = int(sample.shape[-1])
+        levels = [i for i, b in enumerate(blocks) if "Attn" in b]
+        if "Attn" in str(cfg.get("mid_block_type") or ""):
+            levels.append(len(blocks) - 1)
+        sizes = [rows * heads[i] * (-(-frames // 2 ** i) * max(1, width // 2 ** i)) ** 2 * value_bytes
+                 for i in levels]
+        return max(sizes) if sizes else 0
 
     def pipeline_latent_frames(self, seconds: float) -> int:
         """Latent frames for ``seconds`` exactly as the AudioLDM(2) pipelines compute them: mel frames

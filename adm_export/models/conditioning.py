@@ -21,6 +21,12 @@ logger = logging.getLogger(__name__)
 # Tokenizer lengths above this are "no limit" sentinels (transformers uses 1e30), not real limits.
 _MAX_SANE_LENGTH = 4096
 
+#: FLAN-T5 text length of the engine (AudioLDM2's second stream, TANGO). FLAN-T5 allows 512 tokens;
+#: audio captions use 10-40, and every padded token costs cross-attention work (keys and values at
+#: every transformer), so 128, where AudioLDM2's published code truncates the same FLAN-T5 (hard-coded
+#: there). Longer prompts are truncated at this length; a tokenizer without a real limit gets it too.
+DEFAULT_TEXT_LEN = 128
+
 
 @dataclasses.dataclass(frozen=True)
 class TextCondSpec(DenoiserSpec):

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 from adm_export.errors import ModelNotFoundError
 from adm_export.models.base import DiffusersUNetAdapter, TensorSpec
-from adm_export.models.conditioning import TextCondSpec, call_arg, pad_tokens, timestep_rows, usable_length
+from adm_export.models.conditioning import DEFAULT_TEXT_LEN, TextCondSpec, call_arg, pad_tokens, timestep_rows, usable_length
 
 logger = logging.getLogger(__name__)
 
@@ -96,153 +96,21 @@ AUDIOLDM_HIFIGAN_CONFIG = {
     "normalize_before": False,
 }
 
-# Text length of the engine. FLAN-T5 allows 512 tokens; audio captions use 10-40, and every padded
-# token costs cross-attention work (keys and values at every transformer), so 128, as AudioLDM2's
-# published pipeline truncates the same FLAN-T5. Longer prompts are truncated at this length.
-DEFAULT_TEXT_LEN = 128
 
 
 def _pipeline_class():
-    """``TangoPipeline`` (defined lazily: it subclasses diffusers' ``DiffusionPipeline``)."""
-    global _TANGO_PIPELINE
-    if _TANGO_PIPELINE is None:
-        _TANGO_PIPELINE = _define_pipeline()
-    return _TANGO_PIPELINE
-
-
-_TANGO_PIPELINE = None
-
-
-def _define_pipeline():
-    import numpy as np
-    import torch
-    from diffusers import DiffusionPipeline
-    from diffusers.pipelines.pipeline_utils import AudioPipelineOutput
-    from diffusers.utils.torch_utils import randn_tensor
-
-    class TangoPipeline(DiffusionPipeline):
-        """TANGO's sampler: T5 text states and mask, CFG against the empty prompt, DDPM (or any
-        diffusers scheduler), VAE decode, HiFi-GAN.
-
-        Args:
-            vae: ``AutoencoderKL`` (AudioLDM's mel VAE; ``scaling_factor`` = TANGO's ``scale_factor``).
-            text_encoder: ``T5EncoderModel`` (FLAN-T5).
-            tokenizer: Its tokenizer.
-            unet: ``UNet2DConditionModel``.
-            scheduler: ``DDPMScheduler`` (TANGO's) or another diffusers scheduler.
-            vocoder: ``SpeechT5HifiGan``.
-            text_len: Fixed text length (tokens) the U-Net sees.
-        """
-
-        model_cpu_offload_seq = "text_encoder->unet->vae->vocoder"
-
-        def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, vocoder, text_len: int = DEFAULT_TEXT_LEN):
-            super().__init__()
-            self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                  scheduler=scheduler, vocoder=vocoder)
-            self.register_to_config(text_len=int(text_len))
-            self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-        @property
-        def text_len(self) -> int:
-            return int(self.config.text_len)
-
-        def encode_prompt(self, prompts: list[str], guidance: bool):
-            """T5 states and float mask, padded to ``text_len``; with guidance the empty-prompt rows first.
-
-            TANGO truncates at the tokenizer's maximum and masks padding; T5's outputs at valid
-            positions do not depend on how much padding follows (masked attention, relative
-            positions), and the U-Net masks the rest, so padding to ``text_len`` changes nothing.
-            """
-            texts = ([""] * len(prompts) if guidance else []) + list(prompts)
-            n = self.text_len
-            batch = self.tokenizer(texts, max_length=n, padding="max_length", truncation=True, return_tensors="pt")
-            ids = batch.input_ids.to(self.device)
-            mask = batch.attention_mask.to(self.device)
-            states = self.text_encoder(input_ids=ids, attention_mask=mask)[0]
-            return pad_tokens(states, n), pad_tokens(mask.to(states.dtype), n)
-
-        @torch.no_grad()
-        def __call__(self, prompt: str | list[str], num_inference_steps: int = 100, guidance_scale: float = 3.0,
-                     audio_length_in_s: float = 10.24, latents=None, generator=None, output_type: str = "np"):
-            """Generate audio.
-
-            Args:
-                prompt: Prompt(s).
-                num_inference_steps: Sampler steps (TANGO: 100-200 with DDPM).
-                guidance_scale: Classifier-free guidance weight (TANGO: 3); <= 1 disables it.
-                audio_length_in_s: Length; rounded up to whole latent frames of the U-Net.
-                latents: Initial noise ``(B, C, frames, mel/scale)``; drawn from ``generator`` if None.
-                generator: ``torch.Generator`` or one per prompt (also drives DDPM's step noise).
-                output_type: ``"np"``, ``"pt"`` or ``"latent"``.
-
-            Returns:
-                ``AudioPipelineOutput(audios=...)``.
-            """
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            guidance = guidance_scale > 1.0
-            states, mask = self.encode_prompt(prompts, guidance)
-            frames = self.latent_frames(audio_length_in_s)
-            shape = (len(prompts), self.unet.config.in_channels, frames,
-                     self.vocoder.config.model_in_dim // self.vae_scale_factor)
-            if latents is None:
-                latents = randn_tensor(shape, generator=generator, device=self.device, dtype=states.dtype)
-            latents = latents.to(self.device) * self.scheduler.init_noise_sigma
-            self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-            for t in self.progress_bar(self.scheduler.timesteps):
-                x = torch.cat([latents] * 2) if guidance else latents
-                x = self.scheduler.scale_model_input(x, t)
-                noise = self.unet(x, t, encoder_hidden_states=states, encoder_attention_mask=mask,
-                                  return_dict=False)[0]
-                if guidance:
-                    uncond, cond = noise.chunk(2)
-                    noise = uncond + guidance_scale * (cond - uncond)
-                latents = self.scheduler.step(noise, t, latents, generator=generator).prev_sample
-            if output_type == "latent":
-                return AudioPipelineOutput(audios=latents)
-            mel = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-            audio = self.vocoder(mel.squeeze(1)).float().cpu()
-            audio = audio[:, : int(audio_length_in_s * self.vocoder.config.sampling_rate)]
-            return AudioPipelineOutput(audios=audio.numpy() if output_type == "np" else audio)
-
-        def latent_frames(self, seconds: float) -> int:
-            """Latent frames for ``seconds``: mel frames over the VAE factor, rounded up to a multiple
-            of the U-Net's downsampling (static engine shapes; the audio is trimmed afterwards)."""
-            import math
-
-            hop = float(np.prod(self.vocoder.config.upsample_rates))
-            mel_frames = int(seconds * self.vocoder.config.sampling_rate / hop)
-            multiple = 2 ** (len(self.unet.config.block_out_channels) - 1)
-            return max(multiple, math.ceil(mel_frames / self.vae_scale_factor / multiple) * multiple)
+    """:class:`~adm_export.models.tango_pipeline.TangoPipeline`, imported on first use (torch, diffusers)."""
+    from adm_export.models.tango_pipeline import TangoPipeline
 
     return TangoPipeline
 
 
 def __getattr__(name: str):
-    # ``TangoPipeline`` subclasses diffusers' DiffusionPipeline: defined on first access so that
+    # ``TangoPipeline`` subclasses diffusers' DiffusionPipeline: imported on first access so that
     # importing this module does not import torch and diffusers.
     if name == "TangoPipeline":
         return _pipeline_class()
     raise AttributeError(name)
-
-
-class _Export:
-    @staticmethod
-    def make(unet):
-        import torch
-
-        class TangoDenoiser(torch.nn.Module):
-            """``(sample, timestep, encoder_hidden_states, encoder_attention_mask) -> noise``."""
-
-            def __init__(self, unet):
-                super().__init__()
-                self.unet = unet
-
-            def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
-                return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                                 encoder_attention_mask=encoder_attention_mask, return_dict=False)[0]
-
-        return TangoDenoiser(unet)
 
 
 class TangoAdapter(DiffusersUNetAdapter):
@@ -288,7 +156,9 @@ class TangoAdapter(DiffusersUNetAdapter):
         }
 
     def export_module(self, denoiser=None):
-        return _Export.make(denoiser if denoiser is not None else self.denoiser)
+        from adm_export.models.denoisers import TangoDenoiser
+
+        return TangoDenoiser(denoiser if denoiser is not None else self.denoiser)
 
 
 

@@ -18,7 +18,9 @@ The vae, clap and vocoder stages do not depend on each other and run as concurre
 the one GPU (small models leave it mostly idle); unet starts when vae and clap are done. All seeds
 are fixed; the stop points are wall-clock deadlines, so step counts (logged) vary with the card.
 
-Run through ``benchmarks/train_reference.py``.
+Run through ``benchmarks/train_reference.py``. Over 500 lines on purpose: the whole recipe in one
+file, read top to bottom as a record of how the shipped weights were made (GPU tooling that no
+runtime module imports).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a bundle folder holds: file names and the keys of ``bundle.json``.
 
-Written by the bundle stage (:mod:`adm_export.bundle`), read by the runtime; one home for both::
+Written by the bundle stage (:mod:`adm_export.stages.bundle`), read by the runtime; one home for both::
 
     BUNDLE/
       manifest.json                 artifact manifest: model, config, SHA-256 of every file, parity

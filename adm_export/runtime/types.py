@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 
 
@@ -60,8 +61,7 @@ class RuntimeOptions:
     text_cache_size: int = 256
 
     def __post_init__(self):
-        if self.device not in ("cpu", "cuda"):
-            raise InvalidInputError(f"invalid device {self.device!r}: choose cpu or cuda")
+        check_device(self.device, flag="device", available=False)
         for name in ("cuda_graph", "prefer_nhwc"):
             if getattr(self, name) and self.device != "cuda":
                 raise InvalidInputError(f"{name} needs device='cuda'; drop it to run on the CPU")

@@ -360,7 +360,7 @@ def _default_seconds(limits: dict) -> float:
 
 
 def _version() -> str:
-    from adm_export import __version__
+    from adm_export.version import __version__
 
     return __version__
 

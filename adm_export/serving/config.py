@@ -1,10 +1,18 @@
-"""Settings of ``adm-export serve`` and of its Ray Serve deployment (frozen, validated, JSON-able)."""
+"""Settings of ``adm-export serve`` and of its Ray Serve deployment (frozen, validated, JSON-able).
+
+Here rather than in :mod:`adm_export.config` (the home of the build stages' configs): the serving
+package is deployed on its own, beside a bundle, and these settings belong to it (with the API-key
+reader); they use the same checks (:func:`adm_export.config.check_finite`,
+:func:`adm_export.devices.check_device`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
+from adm_export.config import check_finite
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 
 
@@ -54,8 +62,9 @@ class ServeConfig:
     log_level: str = "info"
 
     def __post_init__(self):
-        if self.device not in ("cpu", "cuda"):
-            raise InvalidInputError(f"invalid --device {self.device!r}: choose cpu or cuda")
+        check_finite(self, {"max_wait_ms": "--max-wait-ms", "timeout_s": "--timeout",
+                            "drain_timeout_s": "--drain-timeout"})
+        check_device(self.device, available=False)
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise InvalidInputError(f"invalid --port {self.port!r}: must be 0..65535 (0: any free port)")
         if not isinstance(self.threads, int) or self.threads < 0:
@@ -120,6 +129,8 @@ class RayServeConfig:
     name: str = "adm-export"
 
     def __post_init__(self):
+        check_finite(self, {"target_ongoing_requests": "--target-ongoing-requests", "num_cpus": "--num-cpus",
+                            "num_gpus": "--num-gpus"})
         _check_positive("--replicas", self.num_replicas)
         _check_positive("--max-ongoing-requests", self.max_ongoing_requests)
         _check_positive("--target-ongoing-requests", self.target_ongoing_requests, integer=False)

@@ -33,7 +33,8 @@ def adapter():
 @pytest.fixture(scope="module")
 def fp32_bundle(adapter, tmp_path_factory):
     """tiny-audioldm's FP32 engine (built on the CPU), bundled."""
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export.config import BundleConfig
+    from adm_export.stages.bundle import bundle
     from tests.bundle_helpers import fp32_engines
 
     root = tmp_path_factory.mktemp("bundle32")
@@ -44,10 +45,12 @@ def fp32_bundle(adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp16_cuda_bundle(tmp_path_factory):
     """An FP16 engine exported and built for CUDA (the GPU serving export), bundled."""
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export.config import BundleConfig
+    from adm_export.stages.bundle import bundle
     from adm_export.config import EngineConfig
     from adm_export.engines.stage import build_engines
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
     from adm_export.models import load_model
 
     root = tmp_path_factory.mktemp("bundle16")

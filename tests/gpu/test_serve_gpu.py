@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def cuda_runtime(tmp_path_factory):
     """tiny-audioldm's FP32 engine bundled, run on CUDA with CUDA graphs (batches of up to 4)."""
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export.config import BundleConfig
+    from adm_export.stages.bundle import bundle
     from adm_export.runtime import BundleRuntime, RuntimeOptions
     from tests.bundle_helpers import fp32_engines
 

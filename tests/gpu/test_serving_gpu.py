@@ -30,7 +30,8 @@ def adapter():
 
 @pytest.fixture(scope="module")
 def fp16_onnx(adapter, tmp_path_factory):
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
 
     out = tmp_path_factory.mktemp("fp16") / "onnx"
     m = export_full_precision(FullPrecisionExportConfig(fp16=True, device="cuda", audio_seconds=SECONDS), out,
@@ -88,7 +89,7 @@ def test_generate_on_cuda_with_cuda_graph(adapter, fp16_onnx, tmp_path):
 
     from adm_export.config import EngineConfig
     from adm_export.engines.stage import build_engines
-    from adm_export.serve import GenerateConfig, generate
+    from adm_export.stages.generate import GenerateConfig, generate
 
     engines = tmp_path / "engines"
     build_engines(EngineConfig(device="cuda"), fp16_onnx, engines, adapter=adapter, frames=32)

@@ -56,7 +56,8 @@ def tiny_bundle(tiny_build, tiny_adapter):
 @pytest.fixture(scope="session")
 def family_bundles(tmp_path_factory):
     """model id -> (adapter, bundle folder) for the other families (FP32 engines), built on first use."""
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export.config import BundleConfig
+    from adm_export.stages.bundle import bundle
     from adm_export.models import load_model
 
     made = {}

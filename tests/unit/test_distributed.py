@@ -107,14 +107,14 @@ def _worker(rank: int, world: int, port: int, root: str, full: bool, fail: str) 
     import torch
 
     torch.set_num_threads(1)
+    from adm_export import calibrate
     from adm_export import distributed as dist
-    from adm_export.calibration.latents import calibrate
     from adm_export.config import CalibrationConfig
     from adm_export.models import load_model
 
     dist.init()
     adapter = load_model("tiny-audioldm")
-    manifest = calibrate(CalibrationConfig(**TINY_CAL), os.path.join(root, "cal"), adapter=adapter)
+    manifest = calibrate(CalibrationConfig(**TINY_CAL), os.path.join(root, "cal"), adapter=adapter).manifest
     out = {"manifest": manifest}
     if full:
         out["table"], calls = _sensitivity()
@@ -140,7 +140,7 @@ def single(tmp_path_factory):
     """Single-process reference (world 1: the same sharded code path)."""
     import torch
 
-    from adm_export.calibration.latents import calibrate
+    from adm_export import calibrate
     from adm_export.config import CalibrationConfig
     from adm_export.models import load_model
 
@@ -149,7 +149,7 @@ def single(tmp_path_factory):
     torch.set_num_threads(1)
     try:
         adapter = load_model("tiny-audioldm")
-        manifest = calibrate(CalibrationConfig(**TINY_CAL), root / "cal", adapter=adapter)
+        manifest = calibrate(CalibrationConfig(**TINY_CAL), root / "cal", adapter=adapter).manifest
         table, calls = _sensitivity()
         result = {"manifest": manifest, "table": table, "network_runs": calls, "eval": _eval_clips(adapter)}
     finally:

@@ -2,7 +2,7 @@
 
 Layers, lowest first (README "Development" states the same order):
 
-    base        errors, progress, devices, the package root (``__version__``)
+    base        errors, progress, version, devices
     formats     formats/ (per-layer formats and policies, presets, serving targets: data)
     config      config, artifacts, distributed
     numerics    numerics, audio (shared numerics; mel/STFT/resampling)
@@ -13,8 +13,10 @@ Layers, lowest first (README "Development" states the same order):
     engines     engines/
     eval        eval/ (embedders, FD statistics, gate, scoring, harness, report, figures)
     runtime     runtime/ (the torch-free bundle runtime, when it lands)
-    stages      build, bundle, serve, serving/, inspect, ci_gate, stages/; reference/ (corpus and training recipe:
-                tooling on top of the runtime, which no runtime module imports)
+    stages      stages/ (the runner, the public stage functions, build, generate, bundle), serving/,
+                inspect, ci_gate; reference/ (corpus and training recipe: tooling on top of the runtime,
+                which no runtime module imports)
+    api         the package root: the lazy public API (names resolve on first use)
     cli         cli, __main__
 
 Imports are read with ``ast`` from every module: top-level and function-level ``import
@@ -35,9 +37,7 @@ ROOT = Path(__file__).resolve().parents[2] / "adm_export"
 #: (layer, module prefixes), lowest layer first. A module belongs to the layer of its longest
 #: matching prefix; the package root ``adm_export`` matches only itself.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # The root holds only __version__ today; when it becomes the lazy public API it moves to the top
-    # and ``artifacts`` must take the version from a module of its own.
-    ("base", ("adm_export", "adm_export.errors", "adm_export.progress", "adm_export.devices")),
+    ("base", ("adm_export.errors", "adm_export.progress", "adm_export.version", "adm_export.devices")),
     ("formats", ("adm_export.formats",)),
     ("config", ("adm_export.config", "adm_export.artifacts", "adm_export.distributed")),
     ("numerics", ("adm_export.numerics", "adm_export.audio")),
@@ -48,8 +48,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engines", ("adm_export.engines",)),
     ("eval", ("adm_export.eval",)),
     ("runtime", ("adm_export.runtime",)),
-    ("stages", ("adm_export.build", "adm_export.bundle", "adm_export.serve", "adm_export.serving", "adm_export.stages",
-                "adm_export.inspect", "adm_export.ci_gate", "adm_export.reference")),
+    ("stages", ("adm_export.stages", "adm_export.serving", "adm_export.inspect", "adm_export.ci_gate",
+                "adm_export.reference")),
+    # The root is the lazy public API: its names come from the stages (the reader sees its
+    # TYPE_CHECKING imports as nothing; it resolves them with importlib on first use).
+    ("api", ("adm_export",)),
     ("cli", ("adm_export.cli", "adm_export.__main__")),
 ]
 

@@ -54,15 +54,15 @@ def test_each_target_has_a_placement_and_a_reason():
 
 
 def test_engine_and_device_give_the_target():
-    from adm_export.cli import _target
+    from adm_export.formats.capabilities import default_target
 
     assert target_for("onnxruntime", "cpu") == Target.ORT_CPU
     assert target_for("onnxruntime", "cuda") == Target.ORT_CUDA
     assert target_for("tensorrt-rtx", "cpu") == Target.TENSORRT_RTX
     assert target_for("tensorrt", "cuda") == Target.TENSORRT
-    # The CLI takes --target when given, else the table.
-    assert _target(None, "tensorrt-rtx", "cpu") == "tensorrt-rtx"
-    assert _target("onnxruntime-cpu", "tensorrt", "cuda") == "onnxruntime-cpu"
+    # Without --target, build and quantize take the table's (formats.capabilities.default_target).
+    assert default_target("tensorrt-rtx", "cpu") == "tensorrt-rtx"
+    assert default_target("none", "cuda") == "onnxruntime-cuda"
     with pytest.raises(InvalidInputError, match="--device 'tpu'"):
         target_for("onnxruntime", "tpu")
 

@@ -27,7 +27,8 @@ LSB = 1 / 32768  # one step of 16-bit PCM
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_build, tmp_path_factory):
-    from adm_export.bundle import BundleConfig, bundle
+    from adm_export.config import BundleConfig
+    from adm_export.stages.bundle import bundle
 
     out, result, _ = tiny_build
     assert result.exit_code == 0, result.output

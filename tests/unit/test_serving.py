@@ -20,7 +20,8 @@ def engine_dir(tmp_path_factory, tiny_adapter):
     """An ONNX Runtime engine of the unquantized tiny U-Net (FP32 export -> engine stage, no TensorRT)."""
     from adm_export.config import EngineConfig
     from adm_export.engines import stage
-    from adm_export.export.fp16 import FullPrecisionExportConfig, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import export_full_precision
 
     root = tmp_path_factory.mktemp("serving")
     m = export_full_precision(FullPrecisionExportConfig(fp16=False, audio_seconds=SECONDS), root / "onnx",
@@ -89,7 +90,7 @@ def test_plot_writes_a_valid_png_per_clip(generated):
 
 
 def test_batching_gives_the_same_audio_as_one_by_one(engine_dir, tiny_adapter, tmp_path):
-    from adm_export.serve import GenerateConfig, generate
+    from adm_export.stages.generate import GenerateConfig, generate
 
     prompts = ("a dog barks", "rain on a tin roof", "a car passes by")
     common = dict(engine_dir=str(engine_dir), prompts=prompts, audio_seconds=SECONDS, steps=STEPS, seed=3, threads=1)
@@ -167,7 +168,8 @@ def test_fp16_export_keeps_resize_scales_fp32_and_serves_an_fp32_pipeline(tiny_a
     import onnx
 
     from adm_export.engines.onnxruntime import make_ort_denoiser
-    from adm_export.export.fp16 import FullPrecisionExportConfig, check_fp16_graph, export_full_precision
+    from adm_export.config import FullPrecisionExportConfig
+    from adm_export.export.fp16 import check_fp16_graph, export_full_precision
 
     # Short example, no torch-side parity run: torch's FP16 kernels are very slow on the CPU (the
     # engine is compared with torch FP32 below instead).

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from adm_export.engines import tensorrt as trt_engine
+from adm_export.engines.tensorrt import inspection
+from adm_export.engines.tensorrt import timing_cache as tcache
 from adm_export.engines.tensorrt import EngineBuildError, EngineProfile, build_engine, import_nvinfer
 from adm_export.errors import InvalidInputError, MissingDependencyError
 from adm_export.models.base import DenoiserSpec, TensorSpec
@@ -161,17 +162,17 @@ def test_timing_cache_is_created_merged_and_reused(tmp_path):
             return self.cache
 
     path = tmp_path / "timing.cache"
-    assert trt_engine._load_timing_cache(Config(), path) == 0
-    trt_engine._save_timing_cache(Config({"conv_a": 1}), path)
+    assert tcache.load(Config(), path) == 0
+    tcache.save(Config({"conv_a": 1}), path)
     assert path.is_file()
 
     second = Config({"conv_b": 2})
-    assert trt_engine._load_timing_cache(second, path) > 0  # reused
+    assert tcache.load(second, path) > 0  # reused
     assert second.cache.entries == {"conv_a": 1, "conv_b": 2}
 
     # Concurrent builds merge under the lock instead of overwriting each other.
     threads = [
-        threading.Thread(target=trt_engine._save_timing_cache, args=(Config({f"k{i}": i}), path))
+        threading.Thread(target=tcache.save, args=(Config({f"k{i}": i}), path))
         for i in range(8)
     ]
     for t in threads:
@@ -208,8 +209,8 @@ def test_inspector_json_is_read_into_precisions():
              "activation_dtype": "fp32", "weight_dtype": "fp32"},
         ],
     }
-    layers = trt_engine._layers_from_inspector(info)
-    source, engine_layers, rows = trt_engine._choose_source(net, [("engine_inspector", layers)])
+    layers = inspection.layers_from_inspector(info)
+    source, engine_layers, rows = inspection.choose_source(net, [("engine_inspector", layers)])
     assert source == "engine_inspector" and len(engine_layers) == 3
     assert [(r["name"], r["precision"], r["engine_layer"]) for r in rows] == [
         ("conv_q1", "int8", "conv_q1 + add_t"),
@@ -242,8 +243,8 @@ def test_quantized_engine_reports_int8_and_float_layers(built):
 
 
 def test_network_definition_fallback(rtx, tiny_onnx, tmp_path, monkeypatch):
-    monkeypatch.setattr(trt_engine, "_layers_from_plan", lambda plan: [])
-    monkeypatch.setattr(trt_engine, "_engine_information", lambda *a: None)
+    monkeypatch.setattr(inspection, "layers_from_plan", lambda plan: [])
+    monkeypatch.setattr(inspection, "engine_information", lambda *a: None)
     report = build_engine(tiny_onnx, tmp_path, _spec(), PROFILE, flavor="tensorrt-rtx")
     assert report["source"] == "network_definition"
     assert report["layer_precisions"] == {"int8": 2, "fp32": 1}

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError, MissingDependencyError, require
 
 logger = logging.getLogger(__name__)
@@ -135,8 +136,7 @@ class OrtOptions:
         Raises:
             InvalidInputError: An impossible combination (e.g. ``--ort-provider cuda --device cpu``).
         """
-        if device not in ("cpu", "cuda"):
-            raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")
+        check_device(device, available=False)
         if provider not in ("auto", *PROVIDERS):
             raise InvalidInputError(f"invalid --ort-provider {provider!r}: choose auto, cpu, cuda or tensorrt")
         if device == "cpu" and provider in ("cuda", "tensorrt"):

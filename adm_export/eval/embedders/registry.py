@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
 from adm_export.eval.embedders.base import CHECKPOINT_FLAG, Embedder
 
@@ -137,19 +138,6 @@ def load_weights(module, path: Path, name: str) -> None:
     module.load_state_dict(full, strict=True)
 
 
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if not str(device).startswith("cuda"):
-        raise InvalidInputError(f"invalid --device {device!r}: choose cpu or cuda")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise InvalidInputError(
-            f"invalid --device {device!r}: CUDA is not available; use --device cpu"
-        )
-
-
 def get_embedder(name: str, checkpoint: str | None = None, device: str = "cpu") -> Embedder:
     """Build an embedder by registry name.
 
@@ -182,7 +170,7 @@ def get_embedder(name: str, checkpoint: str | None = None, device: str = "cpu") 
 
         return LogMelEmbedder()
 
-    _check_device(device)
+    check_device(device, index=True)
     if key == "reference-clap":
         from adm_export.eval.embedders.reference_clap import ReferenceClapEmbedder
 

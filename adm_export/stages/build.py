@@ -1,10 +1,15 @@
-"""``adm-export build``: every stage in order, each writing its artifact under the output folder."""
+"""``adm-export build``: every stage in order, each writing its artifact under the output folder.
+
+The runner (:func:`adm_export.stages.api.build`) hands :func:`build_into` the build's ``.partial``
+folder (the same one on every rank) and renames it to ``--out`` when the build succeeds; the shard
+area of every stage is ``<out's parent>/.<out's name>.shards`` (resumable).
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
-from adm_export.artifacts import prepare_out_dir
 from adm_export.config import BuildConfig
 from adm_export.progress import timed_stage
 
@@ -42,32 +47,6 @@ def validate(cfg: BuildConfig) -> None:
                      device=cfg.eval.device)
 
 
-def build(cfg: BuildConfig) -> dict:
-    """Run calibrate -> quantize -> export -> engine -> eval and write the report.
-
-    Args:
-        cfg: Build settings (output folder and every stage's config).
-
-    Returns:
-        The report (also written to ``out/report.json`` and ``out/report.md``).
-    """
-    from adm_export import distributed as dist
-
-    out = cfg.out
-    # 0. Refuse what would fail later (an unavailable preset or engine, a non-empty output
-    #    folder) before any work, so a bad call costs seconds and leaves nothing behind.
-    validate(cfg)
-    if dist.is_main() or not cfg.force:
-        # Every rank refuses a non-empty folder (one clean error, not a hang); rank 0 clears it.
-        prepare_out_dir(out, cfg.force)
-    dist.barrier()
-    # Under torchrun every rank runs the sharded loops (calibration, sensitivity search, eval);
-    # rank 0 alone writes artifacts and runs export and engine; shards of all stages live in
-    # <out>.shards (resumable) until the build succeeds.
-    with dist.shard_area(out):
-        return dist.broadcast(_build(cfg, out))
-
-
 def _searched(cfg: BuildConfig) -> bool:
     """Whether the quantize stage runs the (rank-split) sensitivity search."""
     from adm_export.formats import policy as pol
@@ -75,7 +54,21 @@ def _searched(cfg: BuildConfig) -> bool:
     return (pol.load_policy(cfg.quantize.policy) if cfg.quantize.policy else pol.preset(cfg.quantize.precision.value)).searched
 
 
-def _build(cfg: BuildConfig, out) -> dict | None:
+def build_into(cfg: BuildConfig, out: Path, adapter=None) -> dict | None:
+    """Run calibrate -> quantize -> export -> engine -> eval into ``out`` and write the report.
+
+    Under torchrun every rank runs the sharded loops (calibration, sensitivity search, eval); rank 0
+    alone writes artifacts and runs export and engine.
+
+    Args:
+        cfg: Build settings (every stage's config).
+        out: The folder to write (the runner's ``.partial`` folder of ``cfg.out``).
+        adapter: An already loaded model.
+
+    Returns:
+        The report (also written to ``out/report.json`` and ``out/report.md``) on rank 0, ``None`` on
+        the other ranks.
+    """
     from adm_export import distributed as dist
     from adm_export.calibration.latents import calibrate
     from adm_export.engines.stage import build_engines
@@ -86,8 +79,9 @@ def _build(cfg: BuildConfig, out) -> dict | None:
     from adm_export.quantize.stage import quantize
 
     timings: dict[str, float] = {}
-    with timed_stage("load model", logger, timings):
-        adapter = load_model(cfg.model, cfg.calibration.device)
+    # Its start at debug level: a --model that does not load is then the one line on the console.
+    with timed_stage("load model", logger, timings, start_level=logging.DEBUG):
+        adapter = adapter or load_model(cfg.model, cfg.calibration.device)
     # 1. Calibration cache.
     with timed_stage("calibrate", logger, timings):
         calib = calibrate(cfg.calibration, out / "calibration", adapter=adapter)

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from adm_export.artifacts import atomic_dir, write_json
-from adm_export.config import DEFAULT_MODEL, to_dict
+from adm_export.config import DEFAULT_AUDIO_SECONDS, DEFAULT_MODEL, check_finite, to_dict
+from adm_export.devices import check_device
 from adm_export.errors import ArtifactNotFoundError, InvalidInputError
 from adm_export.progress import progress
 
@@ -70,7 +71,7 @@ class GenerateConfig:
     engine_dir: str | None = None
     prompts: tuple[str, ...] = ()
     prompts_file: str | None = None
-    audio_seconds: float = 2.56
+    audio_seconds: float = DEFAULT_AUDIO_SECONDS
     steps: int = 10
     guidance_scale: float = 2.5
     seed: int = 0
@@ -86,6 +87,7 @@ class GenerateConfig:
     warmup: bool = True
 
     def __post_init__(self):
+        check_finite(self, {"audio_seconds": "--seconds", "guidance_scale": "--guidance-scale"})
         if self.audio_seconds <= 0:
             raise InvalidInputError(f"invalid --seconds {self.audio_seconds!r}: must be > 0")
         for flag, value in (("--steps", self.steps), ("--batch-size", self.batch_size)):
@@ -93,8 +95,7 @@ class GenerateConfig:
                 raise InvalidInputError(f"invalid {flag} {value!r}: must be a positive integer")
         if self.guidance_scale < 0:
             raise InvalidInputError(f"invalid --guidance-scale {self.guidance_scale!r}: must be >= 0")
-        if self.device not in ("cpu", "cuda"):
-            raise InvalidInputError(f"invalid --device {self.device!r}: choose cpu or cuda")
+        check_device(self.device, available=False)
         self.ort_options()  # refuses impossible provider / graph / binding combinations
         if self.engine_dir is None:
             engine_flags = [flag for flag, given in (
@@ -181,7 +182,8 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
 
     Args:
         cfg: Generation settings.
-        out: Output folder (refused if non-empty unless ``force``).
+        out: Output folder (refused if non-empty unless ``force``; the stage runner checks and locks
+            it first, :func:`adm_export.stages.api.generate`).
         force: Overwrite ``out``.
         adapter: An already loaded model adapter; loaded from ``cfg.model`` otherwise.
 
@@ -197,12 +199,6 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     # 1. Validate everything that needs no model before loading one.
     prompts = cfg.all_prompts()
     options = cfg.ort_options()
-    if Path(out).exists() and any(Path(out).iterdir()) and not force:
-        from adm_export.errors import OutputExistsError
-
-        raise OutputExistsError(
-            f"--out {str(out)!r} is not empty; pass --force to overwrite it or choose another folder"
-        )
     manifest = None
     if cfg.engine_dir:
         from adm_export.artifacts import read_manifest
@@ -220,6 +216,13 @@ def generate(cfg: GenerateConfig, out: str | Path, force: bool = False, adapter=
     engine_info = None
     denoiser = None
     if cfg.engine_dir:
+        from adm_export.engines.memory import attention_materialized, check_attention_memory, score_bytes
+
+        # A length whose attention cannot fit is refused before the engine is loaded.
+        if attention_materialized(manifest, cfg.device):
+            rows = min(cfg.batch_size, len(prompts)) * (2 if cfg.guidance_scale > 1 else 1)
+            check_attention_memory(adapter, adapter.engine_seconds(cfg.audio_seconds), rows, cfg.device, "--seconds",
+                                   "--batch-size", score_bytes(manifest, cfg.device))
         t0 = time.perf_counter()
         denoiser, manifest = load_ort_denoiser(cfg.engine_dir, adapter, cfg.device, cfg.threads, options=options)
         startup["engine_load"] = time.perf_counter() - t0

@@ -15,7 +15,6 @@ the folder described in :mod:`adm_export.runtime.layout`:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
@@ -23,9 +22,10 @@ from pathlib import Path
 
 from adm_export.artifacts import (atomic_dir, check_same_model, manifest_digest, read_manifest, write_json,
                                   write_manifest)
-from adm_export.config import to_dict
+from adm_export.config import BundleConfig, to_dict
 from adm_export.errors import ArtifactNotFoundError, InvalidInputError
 from adm_export.runtime import layout
+from adm_export.stages.results import BundleResult
 
 logger = logging.getLogger(__name__)
 
@@ -33,45 +33,6 @@ ENGINE_STAGE = "engine"
 ORT_DIR = "onnxruntime"
 # Prompts the tokenizer check compares: empty, ordinary, punctuation and case, over-long.
 _TOKENIZER_PROBES = ("", "a dog barks", "A Loud SIREN, rising; then: rain!", "wind " * 200)
-
-
-@dataclasses.dataclass(frozen=True)
-class BundleConfig:
-    """Settings of ``adm-export bundle``.
-
-    Attributes:
-        build_dir: A build folder (its ``engines/``) or an engines folder itself.
-        out: The bundle folder to write.
-        force: Replace a non-empty ``out``.
-        model: Model id to load; ``None``: the engine's own (must match its weight fingerprint).
-        max_seconds: Longest clip the runtime accepts by default (memory grows with length; the
-            families were trained on ~10 s clips).
-        opset: ONNX opset of the exported components.
-    """
-
-    build_dir: str
-    out: str
-    force: bool = False
-    model: str | None = None
-    max_seconds: float = 30.0
-    opset: int = 17
-
-    def __post_init__(self):
-        if not self.max_seconds > 0:
-            raise InvalidInputError(f"invalid --max-seconds {self.max_seconds!r}: must be > 0")
-        if self.opset < 14:
-            raise InvalidInputError(f"invalid --opset {self.opset}: the components need opset >= 14")
-
-
-@dataclasses.dataclass(frozen=True)
-class BundleResult:
-    """What :func:`bundle` wrote: the folder, its manifest, file sizes and the parity of each component."""
-
-    out: Path
-    manifest: dict
-    files: dict[str, int]
-    parity: dict[str, dict]
-    seconds: float
 
 
 def engines_folder(build_dir: str | Path) -> Path:
@@ -230,5 +191,5 @@ def bundle(cfg: BundleConfig, adapter=None) -> BundleResult:
     seconds = time.perf_counter() - start
     logger.info("bundle: %s (%s) -> %s: %d files, %.1f MB, %.1f s", adapter.model_id, adapter.family, cfg.out,
                 len(files), sum(files.values()) / 1e6, seconds)
-    return BundleResult(Path(cfg.out), manifest, files, parity, seconds)
+    return BundleResult(out=Path(cfg.out), seconds=seconds, manifest=manifest, files=files, parity=parity)
 
