@@ -187,7 +187,8 @@ QUANTIZE = Group(
     Opt("allow_adjust", "--allow-adjust", is_flag=True,
         help="Change formats the target cannot run (reported) instead of refusing."),
     Opt("placement", "--placement", type=_choices(Placement),
-        show_default=True, help="Q/DQ placement: tensorrt, or onnxruntime (DQ -> Conv -> Q for integer kernels)."),
+        help="Q/DQ placement [default: the one --target needs: onnxruntime (integer CPU kernels: DQ -> Conv -> Q, "
+             "UINT8 activations) for onnxruntime-cpu, tensorrt otherwise; formats/capabilities.py]."),
     Opt("sensitivity_points", "--sensitivity-points", type=int, show_default=True,
         help="For --precision mixed: calibration points the sensitivity is measured on."),
     Opt("sensitivity_granularity", "--sensitivity-granularity", type=click.Choice(["layer", "block"]),
@@ -229,7 +230,7 @@ EXPORT = Group(
     ExportConfig,
     Opt("opset", "--opset", type=int, show_default=True),
     Opt("placement", "--placement", type=_choices(Placement),
-        show_default=True),
+        help="Q/DQ placement; fixed at quantize time [default: the quantized model's]."),
     Opt("parity_points", "--parity-points", type=int, show_default=True),
 )
 
@@ -473,6 +474,12 @@ def _summary(report: dict) -> None:
                    f"{parity['quant_error_mean_rel_l2']:.2e}")
     for name, stage in report["stages"].items():
         click.echo(f"  {name:<12} {stage['seconds']:7.1f} s")
+    engine = report.get("engine") or {}
+    if engine.get("speedup_vs_fp32") is not None:
+        placement = ((report.get("quantization") or {}).get("placement") or {}).get("value")
+        click.echo(f"CPU engine: {engine['speedup_vs_fp32']:.2f}x FP32 ({engine['latency_ms']:.1f} vs "
+                   f"{engine['fp32_latency_ms']:.1f} ms per denoiser call, same CPU"
+                   f"{f'; placement {placement}' if placement else ''})")
     gate = ev.get("gate") or {}
     if gate.get("passed") is None:
         click.echo("quality gate: not run")
@@ -567,6 +574,10 @@ def engine(onnx_dir, out, force, device, **values):
                        f"on {parity.get('device')} ({what})")
         else:
             click.echo(f"{name}: layer precisions {json.dumps(e.get('layer_precisions'))}")
+        vs = e.get("vs_fp32")
+        if vs:
+            click.echo(f"{name}: {vs['speedup_vs_fp32']:.2f}x FP32 on this CPU ({vs['engine']['median_ms']:.1f} vs "
+                       f"{vs['fp32_reference']['median_ms']:.1f} ms per denoiser call)")
     click.echo(f"engines -> {out}")
 
 

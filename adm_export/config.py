@@ -15,7 +15,7 @@ from typing import Any
 
 from adm_export.devices import check_device
 from adm_export.errors import InvalidInputError
-from adm_export.formats.capabilities import parse_target
+from adm_export.formats.capabilities import Placement, parse_target  # noqa: F401  (Placement: re-exported)
 from adm_export.formats.recipes import Precision
 
 DEFAULT_MODEL = "reference-audioldm"
@@ -41,18 +41,6 @@ class SelectMethod(str, enum.Enum):
     NORMAL = "normal"
     ALL = "all"
     ACTIVATION = "activation"
-
-
-class Placement(str, enum.Enum):
-    """Where Q/DQ pairs go in the exported graph, chosen per serving target.
-
-    ``tensorrt``: Q/DQ on the inputs and weights of each quantized op (TensorRT fuses them).
-    ``onnxruntime``: additionally quantize each quantized op's output (DQ -> op -> Q) because
-    ONNX Runtime only runs an integer kernel when the output is quantized too.
-    """
-
-    TENSORRT = "tensorrt"
-    ONNXRUNTIME = "onnxruntime"
 
 
 def _positive(flag: str, value: int) -> None:
@@ -147,7 +135,8 @@ class QuantizeConfig:
         policy: A user policy JSON file (``--policy``; see ``formats.policy``); replaces the preset's.
         target: Serving target whose capabilities the formats are checked against (``--target``).
         allow_adjust: Change formats the target cannot run instead of refusing (``--allow-adjust``).
-        placement: Q/DQ placement; ``onnxruntime`` also quantizes INT8 convolutions' outputs.
+        placement: Q/DQ placement (``--placement``); ``None``: the one ``target`` needs
+            (``formats.capabilities.placement_for``).
         sensitivity_points: Calibration points the ``mixed`` sensitivity search measures on.
         sensitivity_granularity: ``layer`` (every conv/linear layer its own format) or ``block``
             (one format per U-Net block; ~6x fewer sensitivity trials).
@@ -163,7 +152,7 @@ class QuantizeConfig:
     policy: str | None = None
     target: str = "onnxruntime-cpu"
     allow_adjust: bool = False
-    placement: Placement = Placement.TENSORRT
+    placement: Placement | None = None
     sensitivity_points: int = 4
     sensitivity_granularity: str = "layer"
     trajectory_check: int = 2
@@ -171,7 +160,8 @@ class QuantizeConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "--precision"))
-        object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
+        if self.placement is not None:
+            object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
         check_finite(self, {"size_budget": "--size-budget"})
         if self.size_budget is not None and not 0 < self.size_budget <= 1:
             raise InvalidInputError(
@@ -197,19 +187,20 @@ class ExportConfig:
 
     Attributes:
         opset: ONNX opset (INT8 Q/DQ needs >= 13; per-channel weights with axis >= 13).
-        placement: Q/DQ placement for the serving target.
+        placement: Q/DQ placement; ``None``: the quantized model's (chosen at quantize time).
         parity_points: Number of cached inputs on which ONNX Runtime is compared with torch.
         device: Where torch traces the quantized model and runs its side of the parity check
             (``cpu`` or ``cuda``; ONNX Runtime's side runs on the CPU either way).
     """
 
     opset: int = 17
-    placement: Placement = Placement.TENSORRT
+    placement: Placement | None = None
     parity_points: int = 4
     device: str = "cpu"
 
     def __post_init__(self):
-        object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
+        if self.placement is not None:
+            object.__setattr__(self, "placement", parse_enum(Placement, self.placement, "--placement"))
         if self.opset < 13:
             raise InvalidInputError(f"invalid --opset {self.opset}: Q/DQ export needs opset >= 13")
         _positive("--parity-points", self.parity_points)

@@ -91,20 +91,28 @@ def quality(n: int, steps: int, batch: int) -> dict:
     }
 
 
+def variant_args(name: str) -> list[str]:
+    """Build arguments of a row: ``int8``, ``mixed-0.2``, or ``LABEL=ARGS`` (e.g.
+    ``int8-tensorrt=--precision int8 --placement tensorrt``)."""
+    if "=" in name:
+        return name.split("=", 1)[1].split()
+    if name.startswith("mixed"):
+        return ["--precision", "mixed", "--size-budget", "0.2"]
+    return ["--precision", name]
+
+
 def quant(precisions: list[str], num_clips: int, workdir: Path, on_row=None) -> dict:
     from adm_export.reference import corpus
 
     caps = workdir / "captions.txt"
     caps.write_text("\n".join(c.caption for c in corpus.corpus(64, seed=3, seconds=0.1)) + "\n")
     rows = {}
-    for prec in precisions:
+    for name in precisions:
+        prec = name.split("=", 1)[0]
         out = workdir / prec.replace(" ", "_")
         args = ["adm-export", "build", "--model", "reference-audioldm", "--out", str(out), "--force",
-                "--captions", str(caps), "--embedder", "reference-clap", "--num-clips", str(num_clips)]
-        if prec.startswith("mixed"):
-            args += ["--precision", "mixed", "--size-budget", "0.2"]
-        else:
-            args += ["--precision", prec]
+                "--captions", str(caps), "--embedder", "reference-clap", "--num-clips", str(num_clips),
+                *variant_args(name)]
         t0 = time.time()
         proc = subprocess.run(args, capture_output=True, text=True)
         secs = time.time() - t0
@@ -112,6 +120,8 @@ def quant(precisions: list[str], num_clips: int, workdir: Path, on_row=None) -> 
         rep_path = out / "report.json"
         if not rep_path.exists():
             rows[prec] = {"exit_code": proc.returncode, "seconds": round(secs, 1), "error": proc.stderr[-800:]}
+            if on_row is not None:
+                on_row(rows)
             continue
         rep = json.loads(rep_path.read_text())
         ev, size = rep.get("eval", {}), rep.get("size", {})
@@ -126,6 +136,11 @@ def quant(precisions: list[str], num_clips: int, workdir: Path, on_row=None) -> 
             "unet_fp32_bytes": size.get("unet_fp32_bytes"), "unet_export_bytes": size.get("unet_export_bytes"),
             "reduction_vs_fp32": size.get("reduction_vs_fp32"),
             "stages_seconds": {k: v.get("seconds") for k, v in (rep.get("stages") or {}).items() if isinstance(v, dict)},
+            "build_args": variant_args(name),
+            "placement": ((rep.get("quantization") or {}).get("placement") or {}).get("value")
+            if isinstance((rep.get("quantization") or {}).get("placement"), dict) else None,
+            "speedup_vs_fp32": (rep.get("engine") or {}).get("speedup_vs_fp32"),
+            "engine_latency_ms": (rep.get("engine") or {}).get("latency_ms"),
         }
         if on_row is not None:  # results of finished builds survive an interrupted run
             on_row(rows)
@@ -174,7 +189,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=10)
     p.add_argument("--quant", action="store_true", help="also build int8, w4a8 and mixed (0.2) and read their FD")
     p.add_argument("--quant-clips", type=int, default=8)
-    p.add_argument("--precisions", default="int8,w4a8,mixed-0.2")
+    p.add_argument("--precisions", default="int8,w4a8,mixed-0.2",
+                   help="Comma-separated rows: a preset, mixed-0.2, or LABEL=BUILD ARGS.")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--json", type=Path, default=RESULTS / "reference_model.json")
     p.add_argument("--note", default="2 CPU cores shared with other engineers' jobs: timings are indicative only.")
@@ -188,8 +204,8 @@ def main() -> None:
     if not a.skip_quality:
         res["quality"] = quality(a.clips, a.steps, a.batch)
     def save(quant_rows=None):
-        if quant_rows is not None:
-            res["quant"] = dict(quant_rows)
+        if quant_rows is not None:  # rows of earlier runs with other labels are kept
+            res["quant"] = {**res.get("quant", {}), **quant_rows}
             res["quant_clips"] = a.quant_clips
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=1))

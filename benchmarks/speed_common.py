@@ -177,7 +177,8 @@ def cpu_time(fn, warmup: int, iters: int) -> dict:
 
 # -- the project's INT8 Q/DQ export ---------------------------------------------------------------------
 def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, num_prompts: int = 2,
-                 steps: int = 3, points: int = 4, placement: str = "tensorrt", calibration: Path | None = None) -> dict:
+                 steps: int = 3, points: int = 4, placement: str | None = "tensorrt", calibration: Path | None = None,
+                 policy: str | None = None, calibration_out: Path | None = None) -> dict:
     """Calibrate, quantize (ModelOpt INT8, on the CPU) and export with the project's stage functions.
 
     Args:
@@ -187,8 +188,11 @@ def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, 
         workdir: Folder for ``calibration/``, ``quantized/``, ``onnx/``.
         audio_seconds: Length of the calibration clips.
         num_prompts, steps, points: Size of the calibration set.
-        placement: Q/DQ placement of quantize and export (``tensorrt`` or ``onnxruntime``).
+        placement: Q/DQ placement of quantize and export (``tensorrt`` or ``onnxruntime``); ``None``:
+            the one the quantize stage's default target (``onnxruntime-cpu``) chooses, as a CPU build does.
         calibration: An existing calibration cache to reuse instead of calibrating.
+        policy: A ``--policy`` file instead of the INT8 preset.
+        calibration_out: Where a new cache goes (default ``workdir/calibration``).
 
     Returns:
         Paths, stage seconds, the Q/DQ report and parity of the export.
@@ -201,24 +205,25 @@ def prepare_int8(adapter_cal, adapter_cpu, workdir: Path, audio_seconds: float, 
     workdir = Path(workdir)
     seconds = {}
     if calibration is None:
-        calibration = workdir / "calibration"
+        calibration = Path(calibration_out or workdir / "calibration")
         t0 = time.perf_counter()
         calibrate(CalibrationConfig(model=adapter_cpu.model_id, num_prompts=num_prompts, steps=steps, points=points,
                                     audio_seconds=audio_seconds, device="cpu"),
                   calibration, force=True, adapter=adapter_cal)
         seconds["calibrate"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    q = quantize(QuantizeConfig(precision="int8", device="cpu", placement=placement), calibration,
+    q = quantize(QuantizeConfig(precision="int8", device="cpu", placement=placement, policy=policy), calibration,
                  workdir / "quantized", force=True, adapter=adapter_cpu)
     seconds["quantize"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
-    m = export_onnx(ExportConfig(parity_points=1, placement=placement), workdir / "quantized", workdir / "onnx",
+    m = export_onnx(ExportConfig(parity_points=1), workdir / "quantized", workdir / "onnx",
                     calibration, force=True, adapter=adapter_cpu)
     seconds["export"] = round(time.perf_counter() - t0, 2)
     return {
         "onnx": str(workdir / "onnx" / "unet.onnx"),
         "seconds": seconds,
-        "placement": placement,
+        "placement": q["placement_choice"],
+        "policy": policy,
         "calibration": {"prompts": num_prompts, "steps": steps, "points": points, "audio_seconds": audio_seconds,
                         "cache": str(calibration)},
         "quant_error_mean": q["quant_error_rel_l2"]["mean"],

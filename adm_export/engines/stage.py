@@ -125,7 +125,7 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
             if cfg.device == "cuda":
                 ort = _ort_cuda_engine(cfg, onnx_path, onnx_manifest, ort_dir, adapter, frames)
             else:
-                ort = _ort_cpu_engine(cfg, onnx_path, ort_dir, spec, frames)
+                ort = _ort_cpu_engine(cfg, onnx_path, onnx_manifest, ort_dir, spec, frames)
             write_json(ort_dir / "layers.json", ort)
             report["engines"]["onnxruntime"] = ort
             # 2. TensorRT / TensorRT-RTX: required when asked for, opportunistic otherwise.
@@ -141,14 +141,63 @@ def build_engines(cfg: EngineConfig, onnx_dir: str | Path, out: str | Path, forc
     return manifest
 
 
-def _ort_cpu_engine(cfg: EngineConfig, onnx_path: Path, ort_dir: Path, spec, frames: int) -> dict:
-    """``--device cpu``: serve the export as it is; count what ONNX Runtime's CPU graph runs in."""
+def _compare_with_fp32(engine_path: Path, spec, frames: int, threads: int) -> dict:
+    from adm_export.engines.speedup import compare_with_fp32
+
+    with tempfile.TemporaryDirectory(prefix="adm-fp32-ref-") as work:
+        return compare_with_fp32(engine_path, spec, frames, threads, Path(work))
+
+
+def tensorrt_source(onnx_path: Path, onnx_manifest: dict, work: Path) -> tuple[Path, str | None]:
+    """The graph TensorRT builds from: the export, or its signed-Q/DQ form for an ONNX-Runtime placement.
+
+    The ONNX Runtime placement stores activations as UINT8 (zero point 128), which TensorRT
+    refuses; :func:`~adm_export.export.onnx_graph.activations_to_int8` gives back the same values
+    as signed symmetric INT8, so one export feeds both engines (its extra output Q/DQ after
+    convolutions TensorRT fuses as INT8 outputs).
+
+    Returns:
+        ``(path, note)``; ``note`` says what was changed (``None``: the export as it is).
+    """
+    from adm_export.formats.capabilities import PLACEMENTS, Placement
+
+    placement = Placement(onnx_manifest.get("placement") or Placement.TENSORRT.value)
+    if not PLACEMENTS[placement].unsigned_activations:
+        return onnx_path, None
+    import onnx
+
+    from adm_export.export import onnx_graph
+    from adm_export.export.onnx import save_onnx
+
+    model = onnx.load(str(onnx_path))
+    changed = onnx_graph.activations_to_int8(model)
+    path = work / "unet.int8_qdq.onnx"
+    save_onnx(model, path)
+    note = (f"the {placement.value}-placement export with its {changed} UINT8 activation Q/DQ nodes written as "
+            f"signed INT8 (same values; TensorRT parses signed Q/DQ only)")
+    logger.info("TensorRT input: %s", note)
+    return path, note
+
+
+def _ort_cpu_engine(cfg: EngineConfig, onnx_path: Path, onnx_manifest: dict, ort_dir: Path, spec,
+                    frames: int) -> dict:
+    """``--device cpu``: serve the export as it is; count what ONNX Runtime's CPU graph runs in.
+
+    A quantized export's latency sample races the same model in FP32 on the same CPU
+    (``vs_fp32``), so the user sees the speed-up the build gave.
+    """
     shutil.copyfile(onnx_path, ort_dir / "unet.onnx")
     precisions = ort_layer_precisions(ort_dir / "unet.onnx", cfg.device, cfg.threads)
-    latency = time_ort(ort_dir / "unet.onnx", spec, frames, 2, cfg.device, cfg.threads)
+    ort = {"graph": "export", **precisions, "device": cfg.device}
+    if onnx_manifest.get("precision") not in (None, "fp16", "fp32"):
+        ort["vs_fp32"] = _compare_with_fp32(ort_dir / "unet.onnx", spec, frames, cfg.threads)
+        ort["latency"] = {**ort["vs_fp32"]["engine"], "batch": 2, "frames": frames, "device": cfg.device,
+                          "threads": ort["vs_fp32"]["threads"]}
+    else:
+        ort["latency"] = time_ort(ort_dir / "unet.onnx", spec, frames, 2, cfg.device, cfg.threads)
     logger.info("onnxruntime engine: %s; %.1f ms per denoiser call (batch 2, %d frames, %s)",
-                precisions["layer_precisions"], latency["median_ms"], frames, cfg.device)
-    return {"graph": "export", **precisions, "latency": latency, "device": cfg.device}
+                precisions["layer_precisions"], ort["latency"]["median_ms"], frames, cfg.device)
+    return ort
 
 
 class EngineParityError(AdmExportError):
@@ -244,9 +293,10 @@ def _tensorrt_engine(cfg: EngineConfig, onnx_path: Path, onnx_manifest: dict, tm
     trt_dir = tmp / (flavor or "tensorrt-rtx")
     graph_note = None
     with tempfile.TemporaryDirectory(prefix="adm-trt-") as work:
-        source = onnx_path
+        # The ONNX Runtime placement's UINT8 activations as signed INT8 first (TensorRT parses signed Q/DQ only).
+        source, source_note = tensorrt_source(onnx_path, onnx_manifest, Path(work))
         if onnx_manifest.get("precision") not in ("fp16", "fp32"):
-            source, graph_note = _fp16_typed_source(onnx_path, Path(work))
+            source, graph_note = _fp16_typed_source(source, Path(work))
         try:
             trt_report = trt_engine.build_engine(source, trt_dir, spec, profile, flavor=flavor or "tensorrt-rtx")
         except trt_engine.EngineBuildError as exc:
@@ -263,6 +313,8 @@ def _tensorrt_engine(cfg: EngineConfig, onnx_path: Path, onnx_manifest: dict, tm
             trt_report[key] = f"{trt_dir.name}/{Path(trt_report[key]).name}"
     if graph_note is not None:
         trt_report["graph"] = graph_note
+    if source_note is not None:
+        trt_report["source_graph"] = source_note
     report["engines"][trt_dir.name] = {"built": True, **trt_report}
 
 

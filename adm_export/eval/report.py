@@ -61,6 +61,9 @@ def make_report(model: dict, precision: str, device: str, timings: dict, onnx_ma
             "backend": engine.get("backend"),
             "layer_precisions": engine.get("layer_precisions"),
             "latency_ms": (engine.get("engines", {}).get("onnxruntime", {}).get("latency") or {}).get("median_ms"),
+            # The CPU engine raced against the same model in FP32 on the same machine (engines.speedup).
+            "fp32_latency_ms": (_vs_fp32(engine).get("fp32_reference") or {}).get("median_ms"),
+            "speedup_vs_fp32": _vs_fp32(engine).get("speedup_vs_fp32"),
             # The ONNX Runtime engine: which graph it serves (the export, or the fused FP16 CUDA
             # engine), the optimizer's fused-op counts, and what computes in what.
             "onnxruntime_graph": engine.get("engines", {}).get("onnxruntime", {}).get("graph"),
@@ -122,6 +125,10 @@ def make_report(model: dict, precision: str, device: str, timings: dict, onnx_ma
         },
     }
     return report
+
+
+def _vs_fp32(engine: dict) -> dict:
+    return (engine.get("engines") or {}).get("onnxruntime", {}).get("vs_fp32") or {}
 
 
 def _fd_inf_values(fd_inf: dict | None) -> dict | None:
@@ -319,6 +326,13 @@ def render_markdown(report: dict) -> str:
         f"- backend: {engine['backend']}; layer precisions: {json.dumps(engine['layer_precisions'])}",
         f"- ONNX Runtime latency per denoiser call: {_fmt(engine['latency_ms'], '.1f')} ms",
     ]
+    vs = _vs_fp32(engine)
+    if vs.get("speedup_vs_fp32") is not None:
+        lines.append(f"- speed-up over FP32 on this CPU: **{vs['speedup_vs_fp32']:.2f}x** ({_fmt(engine['latency_ms'], '.1f')} "
+                     f"vs {_fmt(vs['fp32_reference']['median_ms'], '.1f')} ms per call, batch {vs['batch']}, "
+                     f"{vs['frames']} latent frames, {vs['threads']} threads, median of {vs['engine']['runs']} "
+                     f"round-robin calls; load average {vs.get('load_average')}; FP32 reference: "
+                     f"{vs['fp32_reference'].get('graph')})")
     lines += render_ort_engine((engine.get("engines") or {}).get("onnxruntime") or {})
     for name, e in (engine.get("engines") or {}).items():
         if name != "onnxruntime":
@@ -352,6 +366,9 @@ def render_ort_engine(ort: dict) -> list[str]:
 def render_quantization(quant: dict, top: int = 10) -> list[str]:
     """Markdown lines for the per-layer formats and, for ``mixed``, the sensitivity search."""
     lines: list[str] = []
+    placement = quant.get("placement") or {}
+    if isinstance(placement, dict) and placement.get("value"):
+        lines += ["## Q/DQ placement", "", f"- {placement['value']}: {placement.get('reason') or '–'}", ""]
     formats = quant.get("formats") or {}
     if formats:
         lines += ["## Formats", "", "| format | layers | parameters |", "|---|---:|---:|"]

@@ -21,6 +21,7 @@ from adm_export.config import ExportConfig, Placement, to_dict
 from adm_export.devices import exact_float32, to_module
 from adm_export.errors import InvalidInputError
 from adm_export.export import onnx_graph
+from adm_export.formats.capabilities import PLACEMENTS
 from adm_export.formats.policy import LayerPlan
 from adm_export.numerics import rel_l2, run_denoiser
 from adm_export.quantize.modelopt import load_quantized
@@ -290,8 +291,11 @@ def build_onnx(adapter, model, plans, codecs: dict, opset: int, example: dict, w
     fold = onnx_graph.encode_weights(graph, codecs)
     fold["trt_fp8_rewritten"] = fp8_rewritten
     fold["fp16_storage"] = onnx_graph.store_float_weights_fp16(graph)
-    if Placement(placement) == Placement.ONNXRUNTIME:
+    spec = PLACEMENTS[Placement(placement)]
+    if spec.unsigned_activations:
         fold["activations_to_uint8"] = onnx_graph.activations_to_uint8(graph)
+    if spec.fold_attention_bias:
+        fold["zero_attention_bias_folded"] = onnx_graph.fold_zero_attention_bias(graph)
     fold["tensor_name_bytes_saved"] = onnx_graph.shorten_tensor_names(graph)
     fold["node_name_bytes_saved"] = onnx_graph.shorten_plumbing_node_names(graph)
     fold["scalar_initializers_shared"] = onnx_graph.dedupe_scalar_initializers(graph)
@@ -340,12 +344,14 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
     if adapter is None:
         adapter = load_model(q_manifest["model"]["id"], cfg.device)
     model, _ = load_quantized(quantized, adapter)
+    # The placement is fixed at quantize time (its extra quantizers are calibrated there).
     q_placement = q_manifest.get("placement", Placement.TENSORRT.value)
-    if q_placement != cfg.placement.value:
+    if cfg.placement is not None and q_placement != cfg.placement.value:
         raise InvalidInputError(
             f"--placement {cfg.placement.value!r} does not match the quantized model's placement {q_placement!r} "
-            f"(ONNX Runtime placement quantizes convolution outputs at quantize time); re-run quantize with "
-            f"--placement {cfg.placement.value} or export with --placement {q_placement}")
+            f"(its extra quantizers are calibrated at quantize time); re-run quantize with "
+            f"--placement {cfg.placement.value}, or export without --placement")
+    placement = Placement(q_placement)
     plans = [LayerPlan(**{**d, "candidates": tuple(d.get("candidates", ()))}) for d in q_manifest.get("layers", [])]
     if not plans:  # an artifact from before per-layer plans: every enabled weight quantizer is INT8
         plans = _int8_plans_from_model(model)
@@ -358,7 +364,7 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
         # 2. Export (weights = their fake-quant values, activation Q/DQ from ModelOpt), then store
         #    each quantized weight as low-bit codes feeding DequantizeLinear.
         graph, fold, raw_bytes = build_onnx(adapter, model, plans, codecs, opset, to_module(points[0], model), tmp,
-                                             cfg.placement)
+                                             placement)
         path = tmp / ONNX_FILE
         export_bytes = save_onnx(graph, path)
         report = onnx_graph.qdq_report(graph)
@@ -402,7 +408,8 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
             extra={
                 "spec": q_manifest["spec"],
                 "precision": q_manifest["config"]["precision"],
-                "placement": cfg.placement.value,
+                "placement": placement.value,
+                "placement_choice": q_manifest.get("placement_choice"),
                 "opset": opset,
                 "sizes": sizes,
                 "fold": fold,

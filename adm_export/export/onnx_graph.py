@@ -504,6 +504,142 @@ def activations_to_uint8(model) -> int:
     return n
 
 
+def _all_zero(name: str, inits: dict, prod: dict) -> bool:
+    """Whether tensor ``name`` is a constant zero: a zero initializer, a ``ConstantOfShape`` of zero,
+    or a ``Mul`` of such a zero by a finite constant (the exporter's ``empty * beta`` with beta 0)."""
+    from onnx import numpy_helper
+
+    if name in inits:
+        return not np.any(numpy_helper.to_array(inits[name]))
+    node = prod.get(name)
+    if node is None:
+        return False
+    if node.op_type == "ConstantOfShape":
+        value = _attr(node, "value")
+        return value is None or not np.any(numpy_helper.to_array(value))
+    if node.op_type == "Mul" and len(node.input) == 2:
+        a, b = node.input
+        finite = lambda n: n in inits and np.all(np.isfinite(numpy_helper.to_array(inits[n])))  # noqa: E731
+        return (_all_zero(a, inits, prod) and (finite(b) or _all_zero(b, inits, prod))) or \
+            (_all_zero(b, inits, prod) and finite(a))
+    return False
+
+
+def _attention_scores(name: str, prod: dict) -> bool:
+    """Whether ``name`` is a ``MatMul`` output, or one scaled by a ``Mul``/``Div`` (``alpha * q k^T``)."""
+    node = prod.get(name)
+    if node is None:
+        return False
+    if node.op_type == "MatMul":
+        return True
+    return node.op_type in ("Mul", "Div") and any(
+        prod.get(i) is not None and prod[i].op_type == "MatMul" for i in node.input)
+
+
+def fold_zero_attention_bias(model) -> int:
+    """Remove ``Add(scores, zeros)`` where the second term is a constant zero: the scores go on.
+
+    diffusers' classic attention computes the scores as ``baddbmm(empty, q, k^T, beta=0,
+    alpha=scale)``, which the TorchScript exporter writes as ``Add(Mul(MatMul(q, k^T), alpha),
+    Mul(ConstantOfShape(0), 0))``: a zero tensor the size of the attention scores is made,
+    multiplied and added on every call (three passes over B x heads x L x L values on the CPU)
+    to add nothing (with static shapes, constant folding leaves an all-zero initializer instead).
+    A masked attention (a real bias, beta = 1) is left alone. Broadcasting is safe: the zero term
+    is the size of the scores, never larger than them. Only an addition to a (scaled) ``MatMul``
+    output is removed: a zero GroupNorm beta (``Add(Mul(norm, gamma), 0)``, as in a freshly
+    initialised model) stays, because ONNX Runtime's diffusion optimizer matches GroupNorm and
+    SiLU by that pattern (without the Add it mistook the gamma ``Mul`` for QuickGelu's and failed).
+
+    Returns:
+        The number of additions removed.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    prod = _producers(graph)
+    outputs = {o.name for o in graph.output}
+    rename: dict[str, str] = {}
+    drop: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "Add" or len(node.input) != 2 or node.output[0] in outputs:
+            continue
+        for keep, other in ((0, 1), (1, 0)):
+            if not _all_zero(node.input[other], inits, prod) or not _attention_scores(node.input[keep], prod):
+                continue
+            rename[node.output[0]] = node.input[keep]
+            drop.add(id(node))
+            break
+    if not drop:
+        return 0
+    kept = [n for n in graph.node if id(n) not in drop]
+    for n in kept:
+        for k, name in enumerate(n.input):
+            while name in rename:
+                name = rename[name]
+            n.input[k] = name
+    del graph.node[:]
+    graph.node.extend(kept)
+    remove_dead_nodes(model)
+    del graph.value_info[:]
+    return len(drop)
+
+
+def remove_dead_nodes(model) -> int:
+    """Drop nodes none of whose outputs is used (by a node or as a graph output), repeatedly."""
+    graph = model.graph
+    removed = 0
+    while True:
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        kept = [n for n in graph.node if any(o in used for o in n.output if o)]
+        if len(kept) == len(graph.node):
+            break
+        removed += len(graph.node) - len(kept)
+        del graph.node[:]
+        graph.node.extend(kept)
+    remove_unused_initializers(model)
+    return removed
+
+
+def activations_to_int8(model) -> int:
+    """The inverse of :func:`activations_to_uint8`: UINT8 activation Q/DQ (zero point 128) back to INT8 (zero point 0).
+
+    Exactly the same values. TensorRT(-RTX) parses only signed, symmetric Q/DQ (a UINT8 zero
+    point is a DLA-only feature and is refused), so the engine stage builds a TensorRT plan of an
+    ONNX-Runtime-placement export from this form.
+
+    Returns:
+        Number of Q/DQ nodes changed.
+
+    Raises:
+        ValueError: a UINT8 activation zero point other than 128 (not a shifted symmetric grid).
+    """
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    signed: dict[str, str] = {}
+    n = 0
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        if node.input[0] in inits:  # a weight: its zero point is INT8 already
+            continue
+        zp = inits.get(node.input[2])
+        if zp is None or zp.data_type != TensorProto.UINT8:
+            continue
+        if node.input[2] not in signed:
+            values = numpy_helper.to_array(zp)
+            if np.any(values != 128):
+                raise ValueError(f"{node.name}: UINT8 zero point {values.tolist()} is not the shifted symmetric 128")
+            signed[node.input[2]] = node.input[2] + "_s8"
+            graph.initializer.append(numpy_helper.from_array(np.zeros(values.shape, np.int8), signed[node.input[2]]))
+        node.input[2] = signed[node.input[2]]
+        n += 1
+    if n:
+        del graph.value_info[:]
+    remove_unused_initializers(model)
+    return n
+
+
 def shorten_tensor_names(model) -> int:
     """Rename intermediate tensors to short ids (``t<k>``); returns the bytes saved (approx.).
 

@@ -31,6 +31,14 @@ class Target(str, enum.Enum):
     ORT_CUDA = "onnxruntime-cuda"
 
 
+class Placement(str, enum.Enum):
+    """Where Q/DQ pairs go in the exported graph (``--placement``); each target has its own (see
+    :data:`TARGET_PLACEMENT`), and :data:`PLACEMENTS` says what each one adds."""
+
+    TENSORRT = "tensorrt"
+    ONNXRUNTIME = "onnxruntime"
+
+
 NATIVE, EMULATED = "native", "emulated"
 
 
@@ -91,6 +99,86 @@ TABLE: dict[Target, dict[tuple[str, str], Capability]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class PlacementSpec:
+    """What a Q/DQ placement puts in the graph beyond Q/DQ on each quantized layer's input and weight.
+
+    Attributes:
+        conv_outputs: Quantize INT8 convolutions' outputs too (DQ -> Conv -> Q).
+        unsigned_activations: Store activation Q/DQ as UINT8 (zero point 128): the same values
+            as signed symmetric INT8, in the type the target's integer kernels take.
+        fold_attention_bias: Drop the exporter's all-zero attention bias (``baddbmm`` with
+            ``beta = 0`` traces to ``Add(scores, Mul(zeros, 0))``: two full passes over the
+            attention scores that change nothing).
+        note: Why, for the report.
+    """
+
+    conv_outputs: bool
+    unsigned_activations: bool
+    fold_attention_bias: bool
+    note: str
+
+
+PLACEMENTS: dict[Placement, PlacementSpec] = {
+    Placement.TENSORRT: PlacementSpec(
+        conv_outputs=False, unsigned_activations=False, fold_attention_bias=False,
+        note="Q/DQ on each quantized layer's input and weight, signed INT8: the pattern TensorRT fuses into INT8 "
+             "kernels (and the FP16 CUDA engine dequantizes)"),
+    # The attention products (Q·K^T, softmax·V) stay float: with Q/DQ on both inputs ONNX Runtime
+    # runs them as MatMulIntegerToFloat, measured no faster than the float MatMul at head dim 32
+    # (the score matrix's memory traffic dominates, not the arithmetic), while their Q/DQ and
+    # the scaling of the scores added ~25 % to the step (benchmarks/RESULTS.md, CPU section).
+    Placement.ONNXRUNTIME: PlacementSpec(
+        conv_outputs=True, unsigned_activations=True, fold_attention_bias=True,
+        note="ONNX Runtime's CPU provider runs an integer convolution only for DQ -> Conv -> Q with UINT8 "
+             "activations (QLinearConv); linear layers run as MatMulIntegerToFloat"),
+}
+
+#: The placement each target's kernels need, and why (``--placement`` overrides it).
+TARGET_PLACEMENT: dict[Target, tuple[Placement, str]] = {
+    Target.TENSORRT: (Placement.TENSORRT, "TensorRT fuses Q/DQ on inputs and weights into its INT8 kernels"),
+    Target.TENSORRT_RTX: (Placement.TENSORRT, "TensorRT-RTX fuses Q/DQ on inputs and weights into its INT8 kernels"),
+    Target.ORT_CPU: (Placement.ONNXRUNTIME,
+                     "ONNX Runtime's CPU provider leaves a convolution in float unless its output is quantized too "
+                     "(measured at AudioLDM-S size: TensorRT placement 0.91-1.10x FP32, this one 1.7-2.3x)"),
+    Target.ORT_CUDA: (Placement.TENSORRT,
+                      "the CUDA engine dequantizes the weights and computes in FP16, so no activation pattern is "
+                      "needed; the TensorRT placement keeps the export usable by TensorRT too"),
+}
+
+
+#: Families whose export misses parity with a target's placement: (family, target) -> (placement, why).
+FAMILY_PLACEMENT: dict[tuple[str, Target], tuple[Placement, str]] = {
+    ("make_an_audio", Target.ORT_CPU): (
+        Placement.TENSORRT,
+        "the onnxruntime placement's export of Make-An-Audio's LDM U-Net misses parity (measured on "
+        "tiny-make-an-audio: ONNX Runtime vs torch 0.060 at a point whose rounding floor is 2e-7; 0.038 with "
+        "ONNX Runtime's graph optimizations off), cause not found yet, so it keeps the TensorRT placement"),
+}
+
+
+#: The serving target of an engine (``--engine``) on a device (``--device``), when ``--target`` is not given.
+ENGINE_TARGET: dict[tuple[str, str], Target] = {
+    ("onnxruntime", "cpu"): Target.ORT_CPU,
+    ("onnxruntime", "cuda"): Target.ORT_CUDA,
+    ("none", "cpu"): Target.ORT_CPU,
+    ("none", "cuda"): Target.ORT_CUDA,
+    ("tensorrt", "cpu"): Target.TENSORRT,
+    ("tensorrt", "cuda"): Target.TENSORRT,
+    ("tensorrt-rtx", "cpu"): Target.TENSORRT_RTX,
+    ("tensorrt-rtx", "cuda"): Target.TENSORRT_RTX,
+}
+
+
+def target_for(engine: str = "onnxruntime", device: str = "cpu") -> Target:
+    """The serving target ``--engine`` on ``--device`` means (:data:`ENGINE_TARGET`)."""
+    try:
+        return ENGINE_TARGET[(str(getattr(engine, "value", engine)), device)]
+    except KeyError:
+        raise InvalidInputError(f"no serving target for --engine {engine!r} on --device {device!r}; "
+                                f"give --target") from None
+
+
 def parse_target(value) -> Target:
     """``--target`` value -> :class:`Target` (one-line error otherwise)."""
     if isinstance(value, Target):
@@ -102,11 +190,43 @@ def parse_target(value) -> Target:
             f"invalid --target {value!r}: choose one of {', '.join(t.value for t in Target)}") from None
 
 
+def placement_for(target: Target | str, requested: Placement | str | None = None, family: str | None = None) -> dict:
+    """The placement an export for ``target`` gets, and why.
+
+    Args:
+        target: Serving target (``--target``).
+        requested: ``--placement`` when given: it wins over the target's.
+        family: The model's family: :data:`FAMILY_PLACEMENT` can override the target's placement.
+
+    Returns:
+        ``{"value", "reason", "source"}`` (``source``: ``--placement`` or ``--target``).
+
+    Raises:
+        InvalidInputError: An unknown target or placement.
+    """
+    target = parse_target(target)
+    if requested is not None:
+        try:
+            placement = Placement(requested)
+        except ValueError:
+            raise InvalidInputError(f"invalid --placement {requested!r}: choose one of "
+                                    f"{', '.join(p.value for p in Placement)}") from None
+        default, _ = TARGET_PLACEMENT[target]
+        why = "given with --placement" + ("" if placement == default else
+                                          f" (--target {target.value} would use {default.value})")
+        return {"value": placement.value, "reason": why, "source": "--placement"}
+    if (family, target) in FAMILY_PLACEMENT:
+        placement, why = FAMILY_PLACEMENT[(family, target)]
+        return {"value": placement.value, "reason": f"--target {target.value}, {family} family: {why}",
+                "source": "--target"}
+    placement, why = TARGET_PLACEMENT[target]
+    return {"value": placement.value, "reason": f"--target {target.value}: {why}", "source": "--target"}
+
+
 def default_target(engine: str, device: str) -> str:
-    """The target formats are checked against when ``--target`` is not given: TensorRT(-RTX) when that
-    engine is built, else ONNX Runtime on ``--device``."""
-    engine = getattr(engine, "value", engine)
-    return engine if engine in (Target.TENSORRT.value, Target.TENSORRT_RTX.value) else f"onnxruntime-{device}"
+    """The target formats are checked against (and the placement chosen for) when ``--target`` is
+    not given: :data:`ENGINE_TARGET` for ``--engine`` on ``--device``."""
+    return target_for(engine, device).value
 
 
 def capability(target: Target | str, fmt: str, kind: str) -> Capability:

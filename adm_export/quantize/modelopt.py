@@ -35,18 +35,26 @@ def quantize_denoiser(adapter, cache: CalibrationCache, cfg: QuantizeConfig, pla
     """
     if plans is None:
         plans, _, _ = plan_layers(cfg, adapter)
-    return quantize_with_plans(adapter, list(cache.points()), plans, cfg.placement)
+    placement = resolve_placement(cfg, adapter.family)["value"]
+    return quantize_with_plans(adapter, list(cache.points()), plans, placement)
+
+
+def resolve_placement(cfg: QuantizeConfig, family: str | None = None) -> dict:
+    """``--placement`` or else the one ``--target`` needs (for this model family): ``{"value", "reason", "source"}``."""
+    from adm_export.formats.capabilities import placement_for
+
+    return placement_for(cfg.target, cfg.placement, family)
 
 
 def output_quantized_layers(plans, placement) -> list[str]:
-    """Layers whose output gets an INT8 quantizer: INT8 convolutions under ONNX Runtime placement.
+    """Layers whose output gets an INT8 quantizer: INT8 convolutions where the placement asks for it.
 
     ONNX Runtime runs an integer convolution (QLinearConv) only for DQ -> Conv -> Q. Linear layers
     already run as MatMulIntegerToFloat without it, so only convolutions pay the extra rounding.
     """
-    from adm_export.config import Placement
+    from adm_export.formats.capabilities import PLACEMENTS, Placement
 
-    if Placement(placement) != Placement.ONNXRUNTIME:
+    if not PLACEMENTS[Placement(placement)].conv_outputs:
         return []
     return [p.name for p in plans if p.kind == "conv" and p.format == "int8"]
 

@@ -22,7 +22,7 @@ from adm_export.formats import recipes
 from adm_export.formats.policy import summary as pol_summary
 from adm_export.numerics import import_modelopt, rel_l2, run_denoiser
 from adm_export.quantize.modelopt import (STAGE, STATE_FILE, output_quantized_layers, plan_layers,
-                                          quantize_with_plans, quantizer_counts)
+                                          quantize_with_plans, quantizer_counts, resolve_placement)
 from adm_export.quantize.search import search_mixed
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,11 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
         plans, search = search_mixed(cfg, adapter, cache, plans, policy,
                                      lambda pts: [run_denoiser(adapter, adapter.denoiser, p) for p in pts])
 
-    # 5. Quantize a copy with the final plan, calibrated on the cache.
-    model = quantize_with_plans(adapter, list(cache.points()), plans, cfg.placement)
+    # 5. Quantize a copy with the final plan, calibrated on the cache, with the Q/DQ placement the
+    #    serving target needs (or --placement).
+    placement = resolve_placement(cfg, adapter.family)
+    logger.info("placement %s (%s)", placement["value"], placement["reason"])
+    model = quantize_with_plans(adapter, list(cache.points()), plans, placement["value"])
     errors = [rel_l2(run_denoiser(adapter, model, p), ref) for p, ref in zip(cache.points(), reference)]
     counts = quantizer_counts(model)
     logger.info("quantized %s: %d weight and %d input quantizers; error vs full precision: mean %.4f, max %.4f",
@@ -92,8 +95,9 @@ def quantize(cfg: QuantizeConfig, calibration: str | Path, out: str | Path, forc
                 "formats": pol_summary(plans),
                 "capability": capability,
                 "search": search,
-                "placement": cfg.placement.value,
-                "output_quantized": output_quantized_layers(plans, cfg.placement),
+                "placement": placement["value"],
+                "placement_choice": placement,
+                "output_quantized": output_quantized_layers(plans, placement["value"]),
                 "quantizers": counts,
                 "quant_error_rel_l2": {"per_point": errors, "mean": sum(errors) / len(errors), "max": max(errors)},
                 "calibration_points": len(cache),

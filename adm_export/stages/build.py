@@ -27,9 +27,13 @@ def validate(cfg: BuildConfig) -> None:
         from adm_export.formats.policy import load_policy
 
         load_policy(cfg.quantize.policy)
-    if cfg.export.placement != cfg.quantize.placement:
+    from adm_export.formats.capabilities import placement_for
+
+    placement = placement_for(cfg.quantize.target, cfg.quantize.placement)["value"]
+    if cfg.export.placement is not None and cfg.export.placement.value != placement:
         raise InvalidInputError(
-            f"--placement {cfg.export.placement.value!r} differs between the quantize and export settings"
+            f"--placement {cfg.export.placement.value!r} differs between the quantize ({placement!r}) and export "
+            f"settings"
         )
     if cfg.engine.backend in (EngineBackend.TENSORRT, EngineBackend.TENSORRT_RTX):
         from adm_export.engines.tensorrt import import_nvinfer
@@ -110,6 +114,8 @@ def build_into(cfg: BuildConfig, out: Path, adapter=None) -> dict | None:
     if report.get("quantization") is not None:
         # Mixed precision and policies: what each layer got, what the target made us change, and
         # the search's ranking / predicted vs measured error (quantize stage manifest).
-        report["quantization"].update({k: quant.get(k) for k in ("formats", "capability", "search", "placement")})
+        report["quantization"].update({k: quant.get(k) for k in ("formats", "capability", "search")})
+        # Which Q/DQ placement the export got and why (--target's, or --placement's).
+        report["quantization"]["placement"] = quant.get("placement_choice") or {"value": quant.get("placement")}
     write_report(out, report)
     return report
