@@ -504,13 +504,27 @@ def activations_to_uint8(model) -> int:
     return n
 
 
-def _all_zero(name: str, inits: dict, prod: dict) -> bool:
-    """Whether tensor ``name`` is a constant zero: a zero initializer, a ``ConstantOfShape`` of zero,
-    or a ``Mul`` of such a zero by a finite constant (the exporter's ``empty * beta`` with beta 0)."""
+def _constant(name: str, inits: dict, prod: dict) -> np.ndarray | None:
+    """The value of an initializer or of a ``Constant`` node's tensor (an unfolded export keeps
+    those), else ``None``."""
     from onnx import numpy_helper
 
     if name in inits:
-        return not np.any(numpy_helper.to_array(inits[name]))
+        return numpy_helper.to_array(inits[name])
+    node = prod.get(name)
+    value = _attr(node, "value") if node is not None and node.op_type == "Constant" else None
+    return numpy_helper.to_array(value) if value is not None else None
+
+
+def _all_zero(name: str, inits: dict, prod: dict) -> bool:
+    """Whether tensor ``name`` is a constant zero: a zero initializer or ``Constant``, a
+    ``ConstantOfShape`` of zero, or a ``Mul`` of such a zero by a finite constant (the exporter's
+    ``empty * beta`` with beta 0)."""
+    from onnx import numpy_helper
+
+    value = _constant(name, inits, prod)
+    if value is not None:
+        return not np.any(value)
     node = prod.get(name)
     if node is None:
         return False
@@ -519,7 +533,7 @@ def _all_zero(name: str, inits: dict, prod: dict) -> bool:
         return value is None or not np.any(numpy_helper.to_array(value))
     if node.op_type == "Mul" and len(node.input) == 2:
         a, b = node.input
-        finite = lambda n: n in inits and np.all(np.isfinite(numpy_helper.to_array(inits[n])))  # noqa: E731
+        finite = lambda n: (v := _constant(n, inits, prod)) is not None and np.all(np.isfinite(v))  # noqa: E731
         return (_all_zero(a, inits, prod) and (finite(b) or _all_zero(b, inits, prod))) or \
             (_all_zero(b, inits, prod) and finite(a))
     return False

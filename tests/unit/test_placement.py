@@ -212,6 +212,20 @@ def test_zero_attention_bias_is_folded_and_a_mask_is_kept(tmp_path):
     np.testing.assert_array_equal(_session(masked).run(None, feed)[0], ref)
 
 
+def test_zero_attention_bias_is_folded_with_constant_nodes(tmp_path):
+    """An unfolded export (the FP32 export keeps ``Constant`` nodes) has its zero bias folded too:
+    ``benchmarks/speed_cpu.py`` folds it in the FP32 baseline."""
+    from adm_export.export import onnx_graph
+
+    feed = _classic_attention_onnx(tmp_path / "a.onnx", mask=False)
+    model = onnx.load(str(tmp_path / "a.onnx"))
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    ref = _session(model).run(None, {"x": feed["x"]})[0]
+    assert onnx_graph.fold_zero_attention_bias(model) == 1
+    assert not any(n.op_type == "ConstantOfShape" for n in model.graph.node)
+    np.testing.assert_array_equal(_session(model).run(None, {"x": feed["x"]})[0], ref)
+
+
 def test_fp32_reference_is_the_export_without_quantization(tiny_build, tiny_adapter):
     """The engine stage's FP32 reference: same graph, no Q/DQ, weights at their grid values."""
     import torch
