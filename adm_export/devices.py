@@ -81,6 +81,22 @@ def module_placement(module) -> tuple[Any, Any]:
     return None, None
 
 
+class PlacedModule:
+    """Mixin: ``.device`` and ``.dtype`` of a torch module, read from its parameters.
+
+    diffusers' pipelines ask their components for both (its ``ModelMixin`` has them); the plain
+    ``nn.Module`` components written here (Make-An-Audio's U-Net, text encoder, vocoder) take them
+    from this mixin: ``class X(PlacedModule, nn.Module)``."""
+
+    @property
+    def device(self):
+        return module_placement(self)[0]
+
+    @property
+    def dtype(self):
+        return module_placement(self)[1]
+
+
 def to_module(inputs: dict[str, Any], module) -> dict[str, Any]:
     """``inputs`` moved to ``module``'s device, floating tensors in its dtype (order kept).
 

@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adm_export.engines.onnxruntime.dequantize import node_attr
 from adm_export.engines.onnxruntime.fusions import declare_contrib_domain
+from adm_export.export.onnx_graph import node_attr
 
 
 # -- the graph pass ------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def _producers(graph) -> dict[str, Any]:
     return {o: n for n in graph.node for o in n.output}
 
 
-def _consumers(graph) -> dict[str, list]:
+def consumers(graph) -> dict[str, list]:
+    """Tensor name -> the nodes that read it."""
     out = collections.defaultdict(list)
     for n in graph.node:
         for i in n.input:
@@ -37,7 +38,8 @@ def _consumers(graph) -> dict[str, list]:
     return out
 
 
-def _attr(node, name, default=None):
+def node_attr(node, name, default=None):
+    """The value of a node attribute, or ``default``."""
     from onnx import helper
 
     for a in node.attribute:
@@ -86,7 +88,7 @@ def fold_weight_quantization(model) -> dict:
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
+    readers = consumers(graph)
     remove_nodes: set[int] = set()
     new_inits: list = []
     stats = {"folded": 0, "transposes": 0, "fp32_bytes_removed": 0}
@@ -95,20 +97,20 @@ def fold_weight_quantization(model) -> dict:
     for q in graph.node:
         if q.op_type != "QuantizeLinear" or q.input[0] not in inits:
             continue
-        dqs = consumers.get(q.output[0], [])
+        dqs = readers.get(q.output[0], [])
         if len(dqs) != 1 or dqs[0].op_type != "DequantizeLinear":
             continue
         dq = dqs[0]
         w = numpy_helper.to_array(inits[q.input[0]])
         scale = numpy_helper.to_array(inits[q.input[1]])
         zp = numpy_helper.to_array(inits[q.input[2]]) if len(q.input) > 2 and q.input[2] else np.zeros((), np.uint8)
-        axis = _attr(q, "axis", 1)
+        axis = node_attr(q, "axis", 1)
         qw = quantize_like_onnx(w, scale, zp, axis)
         # Fold a following Transpose into the integer weight (linear layers export as W^T).
-        users = consumers.get(dq.output[0], [])
+        users = readers.get(dq.output[0], [])
         if len(users) == 1 and users[0].op_type == "Transpose" and qw.ndim >= 2:
             tr = users[0]
-            perm = list(_attr(tr, "perm", list(reversed(range(qw.ndim)))))
+            perm = list(node_attr(tr, "perm", list(reversed(range(qw.ndim)))))
             qw = np.ascontiguousarray(np.transpose(qw, perm))
             if scale.size > 1:
                 _set_attr(dq, "axis", perm.index(axis))
@@ -272,7 +274,7 @@ def _weight_layout(node) -> tuple[int, ...] | None:
     if node.op_type == "Conv":
         return None
     if node.op_type == "Gemm":
-        return None if _attr(node, "transB", 0) else (1, 0)
+        return None if node_attr(node, "transB", 0) else (1, 0)
     return (1, 0)  # MatMul: x @ W^T exported with the transposed weight
 
 
@@ -312,7 +314,7 @@ def encode_weights(model, codecs: dict[str, dict], scope_prefix: str | None = "u
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    consumers = _consumers(graph)
+    readers = consumers(graph)
     stats = {"encoded": 0, "by_format": collections.Counter(), "float_bytes_removed": 0, "stored_bytes": 0}
     new_nodes, drop, seen = [], set(), set()
     for node in graph.node:
@@ -322,7 +324,7 @@ def encode_weights(model, codecs: dict[str, dict], scope_prefix: str | None = "u
         if layer not in codecs:
             continue
         wname = node.input[1]
-        if wname not in inits or len(consumers.get(wname, [])) != 1:
+        if wname not in inits or len(readers.get(wname, [])) != 1:
             raise RuntimeError(f"{node.name}: weight {wname!r} of quantized layer {layer} is not a private "
                                f"initializer; cannot encode it")
         c = codecs[layer]
@@ -512,7 +514,7 @@ def _constant(name: str, inits: dict, prod: dict) -> np.ndarray | None:
     if name in inits:
         return numpy_helper.to_array(inits[name])
     node = prod.get(name)
-    value = _attr(node, "value") if node is not None and node.op_type == "Constant" else None
+    value = node_attr(node, "value") if node is not None and node.op_type == "Constant" else None
     return numpy_helper.to_array(value) if value is not None else None
 
 
@@ -529,7 +531,7 @@ def _all_zero(name: str, inits: dict, prod: dict) -> bool:
     if node is None:
         return False
     if node.op_type == "ConstantOfShape":
-        value = _attr(node, "value")
+        value = node_attr(node, "value")
         return value is None or not np.any(numpy_helper.to_array(value))
     if node.op_type == "Mul" and len(node.input) == 2:
         a, b = node.input

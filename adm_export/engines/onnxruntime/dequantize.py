@@ -18,27 +18,10 @@ import collections
 
 import numpy as np
 
+from adm_export.export.onnx_graph import consumers, node_attr
+
 FLOAT_NAMES = {1: "fp32", 10: "fp16", 11: "fp64", 16: "bf16"}
 _GRID_NAMES = {3: "int8", 2: "uint8", 22: "int4", 21: "uint4", 17: "fp8", 18: "fp8", 19: "fp8", 20: "fp8"}
-
-
-def consumers(graph) -> dict[str, list]:
-    """Tensor name -> the nodes that read it."""
-    out = collections.defaultdict(list)
-    for n in graph.node:
-        for i in n.input:
-            out[i].append(n)
-    return out
-
-
-def node_attr(node, name, default=None):
-    """The value of a node attribute, or ``default``."""
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _replace_nodes(graph, keep: list) -> None:

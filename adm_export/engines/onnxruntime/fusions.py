@@ -20,7 +20,8 @@ import contextlib
 import io
 import logging
 
-from adm_export.engines.onnxruntime.dequantize import FLOAT_NAMES, node_attr
+from adm_export.engines.onnxruntime.dequantize import FLOAT_NAMES
+from adm_export.export.onnx_graph import node_attr
 
 logger = logging.getLogger(__name__)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from adm_export.devices import PlacedModule
+
 
 class Projection(nn.Module):
     """MS-CLAP's projection head: ``layer_norm(l1(x) + l2(gelu(l1(x))))`` (``linear1``, ``linear2`` unbiased)."""
@@ -21,7 +23,7 @@ class Projection(nn.Module):
         return self.layer_norm(e1 + self.drop(self.linear2(F.gelu(e1))))
 
 
-class ClapTextEncoder(nn.Module):
+class ClapTextEncoder(PlacedModule, nn.Module):
     """Make-An-Audio's ``FrozenCLAPEmbedder.caption_encoder``: BERT ``base`` and ``projection``.
 
     Its ``encode`` runs BERT on the padded tokens *without* an attention mask (as the original
@@ -38,14 +40,6 @@ class ClapTextEncoder(nn.Module):
 
         self.base = BertModel(bert_config)
         self.projection = Projection(bert_config.hidden_size, d_proj)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def forward(self, input_ids):
         return self.projection(self.base(input_ids=input_ids).last_hidden_state)

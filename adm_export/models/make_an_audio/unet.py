@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adm_export.devices import PlacedModule
+
 
 class GroupNorm32(nn.GroupNorm):
     """LDM's ``normalization()``: 32 groups, computed in the parameters' precision (LDM keeps
@@ -194,7 +196,7 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
+class UNetModel(PlacedModule, nn.Module):
     """Make-An-Audio's denoiser (LDM ``openaimodel.UNetModel`` with spatial transformers, legacy=False).
 
     Args:
@@ -256,14 +258,6 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(model_channels, out_channels, 3, padding=1))
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def forward(self, x, timesteps, context):
         """Noise prediction for latents ``x`` (B, C, H, W) at ``timesteps`` (B,) given ``context`` (B, L, D)."""

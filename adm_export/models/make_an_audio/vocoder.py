@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adm_export.devices import PlacedModule
 from adm_export.errors import MissingDependencyError, ModelNotFoundError
 from adm_export.models.make_an_audio.config import SAMPLING_RATE
 
@@ -164,7 +165,7 @@ def _fold_weight_norm(generator: nn.Module) -> None:
         generator.remove_weight_norm()
 
 
-class BigVGANVocoder(nn.Module):
+class BigVGANVocoder(PlacedModule, nn.Module):
     """Mel ``(B, frames, num_mels)`` -> waveform ``(B, frames * hop)`` through a ``bigvgan.BigVGAN``.
 
     The mel layout of the other families' vocoders (diffusers' ``SpeechT5HifiGan``), so the
@@ -189,14 +190,6 @@ class BigVGANVocoder(nn.Module):
             hop *= r
         self.config = FrozenDict(sampling_rate=int(sampling_rate), model_in_dim=int(hparams["num_mels"]),
                                  upsample_rates=rates, hop_length=hop)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def forward(self, mel):
         return self.generator(mel.transpose(1, 2)).squeeze(1)
