@@ -132,15 +132,22 @@ def test_runtime_matches_the_diffusers_pipeline(model_id, family_bundles):
 
 
 def test_runtime_matches_the_pipeline_served_by_the_same_int8_engine(tiny_bundle, tiny_adapter, tiny_build):
-    """The INT8 build: runtime == diffusers sampler around the same ONNX Runtime engine (generate's path)."""
+    """The INT8 build: runtime == diffusers sampler around the same ONNX Runtime engine (generate's path).
+
+    One step, on the same text embeddings: the U-Net sees bit-identical inputs on both sides. With
+    more steps the samplers' 1e-7 rounding differences (numpy vs torch) reach the engine's activation
+    quantizers, and one code flipped at a rounding boundary cascades through the later quantizers
+    (export/parity.py measured 1 -> 4 -> 34 -> 342 codes) up to the size of the quantization error:
+    a coin toss that failed on CI's machine. The multi-step sampler is compared in FP32 above.
+    """
     from adm_export.engines.stage import load_ort_denoiser
 
     rt = _runtime(tiny_bundle)
-    reqs = _requests(rt)
+    reqs = _requests(rt, steps=1)
     denoiser, _ = load_ort_denoiser(tiny_build[0] / "engines", tiny_adapter, threads=1)
     got = rt.sample(reqs, [rt.initial_noise(r)[0] for r in reqs])
-    for (lat, wav), r_lat, r_wav in zip(pipeline_reference(tiny_adapter, rt, reqs, denoiser, same_text=True), got.latents,
-                                        got.waveforms):
+    for (lat, wav), r_lat, r_wav in zip(pipeline_reference(tiny_adapter, rt, reqs, denoiser, same_text=True),
+                                        got.latents, got.waveforms):
         errors = rel_l2(r_lat, lat), rel_l2(r_wav, wav)
         assert errors[0] < LATENT_TOL_INT8 and errors[1] < WAVE_TOL, (errors, cpu_int8_features())
 
