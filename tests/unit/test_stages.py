@@ -77,6 +77,7 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     from adm_export.calibration.cache import load_cache, parity_points
     from adm_export.engines.onnxruntime import make_session
     from adm_export.export.onnx import check_parity
+    from adm_export.export.onnx_graph import _module_of
     from adm_export.quantize.modelopt import load_quantized
 
     out, _, _ = tiny_build
@@ -98,6 +99,34 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     assert good["passed"] is True
     assert broken["passed"] is False
     assert broken["onnx_vs_torch_mean"] > 5 * good["onnx_vs_torch_mean"]
+
+    # The teacher-forced verdict (the export stage's): torch fed ONNX Runtime's codes at every
+    # activation quantizer matches it to float rounding, codes at most one step apart and rarely;
+    # the wrong scale moves the next quantizers' codes by many steps.
+    good = check_parity(tiny_adapter, quantized, make_session(out / "onnx" / "unet.onnx"), points,
+                        out / "onnx" / "unet.onnx")
+    broken = check_parity(tiny_adapter, quantized, make_session(bad), points, bad)
+    forced = good["teacher_forced"]
+    assert good["passed"] is True and forced["passed"] is True
+    assert forced["forced_max"] < 1e-5 and forced["codes_more_steps"] == 0
+    assert forced["codes_one_step"] < 1e-3 * forced["codes"] and forced["quantizers"] > 50
+    assert forced["missing"] == [] and forced["unmatched"] == []
+    assert broken["passed"] is False and broken["teacher_forced"]["codes_more_steps"] > 1000
+
+    # An activation Q/DQ pair left out of the graph (the layer reads float): that quantizer is missing.
+    model = onnx.load(str(out / "onnx" / "unet.onnx"))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and "input_quantizer" in n.name)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    for n in model.graph.node:
+        n.input[:] = [q.input[0] if i == dq.output[0] else i for i in n.input]
+    model.graph.node.remove(q)
+    model.graph.node.remove(dq)
+    skipped = tmp_path / "skipped.onnx"
+    onnx.save(model, str(skipped))
+    result = check_parity(tiny_adapter, quantized, make_session(skipped), points, skipped)
+    assert result["passed"] is False
+    assert result["teacher_forced"]["missing"] == [_module_of(q)]
+    assert _module_of(q).endswith(".input_quantizer")
 
 
 def test_weight_folding_matches_onnx_quantize_semantics():
