@@ -416,9 +416,10 @@ def export_onnx(cfg: ExportConfig, quantized: str | Path, out: str | Path, calib
                 logger.warning("exported U-Net is %.2f%% of FP32, over --size-budget %.2f%%", 100 * export_bytes /
                                (params * 4), 100 * budget)
         logger.info("exported %s: %.2f MB (%.1f%% of FP32), %d quantized ops; parity max %.2e, "
-                    "rounding floor max %.2e, quantization error max %.2e", ONNX_FILE, export_bytes / 1e6,
-                    100 * sizes["reduction_vs_fp32"], report["quantized_ops"], parity["onnx_vs_torch_max"],
-                    parity["rounding_floor_max"], parity["quant_error_max"])
+                    "rounding floor max %.2e, quantization error max %.2e; stage by stage %.2e (%s)", ONNX_FILE,
+                    export_bytes / 1e6, 100 * sizes["reduction_vs_fp32"], report["quantized_ops"],
+                    parity["onnx_vs_torch_max"], parity["rounding_floor_max"], parity["quant_error_max"],
+                    parity["teacher_forced"]["forced_max"], "passed" if parity["passed"] else "FAILED")
         manifest = write_manifest(
             tmp, STAGE, adapter.identity(), to_dict(cfg),
             inputs={"quantized": manifest_digest(q_manifest)},
