@@ -177,7 +177,7 @@ def check_parity(adapter, model, session, points: list[dict], path=None) -> dict
 
     runner = OrtRunner(session)
     model64 = copy.deepcopy(model).double()
-    gap, floor, qerr = [], [], []
+    gap, floor, qerr, served = [], [], [], []
     for p in points:
         # The export's attention arithmetic (a quantized model's output moves by its rounding floor
         # with the summation order); the float64 copy keeps its own (its mask and its q/k would
@@ -186,7 +186,8 @@ def check_parity(adapter, model, session, points: list[dict], path=None) -> dict
             fake = run_denoiser(adapter, model, p)
         fake64 = run_denoiser(adapter, model64, {k: v.double() for k, v in p.items()})
         full = run_denoiser(adapter, adapter.denoiser, p)
-        gap.append(rel_l2(torch.from_numpy(runner(p)), fake))
+        served.append(torch.from_numpy(runner(p)))
+        gap.append(rel_l2(served[-1], fake))
         floor.append(rel_l2(fake64, fake))
         qerr.append(rel_l2(fake, full))
     del model64
@@ -195,7 +196,7 @@ def check_parity(adapter, model, session, points: list[dict], path=None) -> dict
     if path is not None:
         from adm_export.export.parity import teacher_forced_parity
 
-        forced = teacher_forced_parity(adapter, model, path, points, parity_session)
+        forced = teacher_forced_parity(adapter, model, path, points, parity_session, served)
     end_to_end = mean(gap) <= 2 * mean(floor) + 1e-4
     return {
         "onnx_vs_torch_rel_l2": gap,

@@ -116,7 +116,8 @@ def _session(model, session_factory):
         return session_factory(path)
 
 
-def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session_factory) -> dict[str, Any]:
+def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session_factory,
+                          served: list | None = None) -> dict[str, Any]:
     """Check an exported graph against the torch fake-quant model quantizer by quantizer.
 
     Args:
@@ -126,13 +127,16 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
         points: Parity inputs (named tensors).
         session_factory: ``path or serialized model -> onnxruntime.InferenceSession`` (the parity
             session's options).
+        served: The plain session's outputs on ``points`` (tensors), when known: the instrumented
+            session is compared with them (the extra outputs must not change what ONNX Runtime
+            computes; measured: bit-identical on the tiny U-Nets).
 
     Returns:
         ``forced_rel_l2`` (per point: ONNX Runtime vs torch fed ONNX Runtime's codes),
         ``codes``, ``codes_one_step``, ``codes_more_steps`` (totals over the points),
         ``one_step_fraction``, ``worst_quantizers`` (most one-step codes), ``missing`` (torch
         quantizers with no Q in the graph), ``unmatched`` (Q nodes with no torch quantizer), and
-        ``passed``.
+        ``instrumented_vs_served_max_abs`` (with ``served``) and ``passed``.
     """
     import onnx
     import torch
@@ -159,7 +163,7 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
               if n.endswith(("input_quantizer", "output_quantizer")) and n not in quantizers
               and getattr(m, "is_enabled", False)}
 
-    forced, missing = [], set()
+    forced, missing, drift = [], set(), []
     counts = {"codes": 0, "one": 0, "more": 0}
     per_quantizer: dict[str, int] = {}
     unused: set[str] = set()
@@ -203,6 +207,8 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
                 h.remove()
         unused |= {n for n, q in queues.items() if q}
         forced.append(rel_l2(torch.from_numpy(ort[names[0]]), torch_out))
+        if served is not None:
+            drift.append(float(np.abs(ort[names[0]] - served[len(forced) - 1].numpy()).max()))
     unmatched = sorted(unused | (set(quantizers) - set(modules)))
     fraction = counts["one"] / max(counts["codes"], 1)
     worst = sorted(per_quantizer.items(), key=lambda kv: -kv[1])[:5]
@@ -217,6 +223,7 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
         "worst_quantizers": [{"quantizer": n, "codes_off": k} for n, k in worst if k],
         "missing": sorted(missing),
         "unmatched": unmatched,
+        "instrumented_vs_served_max_abs": max(drift) if drift else None,
         "passed": bool(max(forced) <= MAX_FORCED_REL_L2 and counts["more"] == 0
                        and fraction <= MAX_ONE_STEP_FRACTION and not missing and not unmatched),
     }

@@ -111,6 +111,7 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     assert forced["forced_max"] < 1e-5 and forced["codes_more_steps"] == 0
     assert forced["codes_one_step"] < 1e-3 * forced["codes"] and forced["quantizers"] > 50
     assert forced["missing"] == [] and forced["unmatched"] == []
+    assert forced["instrumented_vs_served_max_abs"] < 1e-5  # the extra outputs change nothing (measured: 0.0)
     assert broken["passed"] is False and broken["teacher_forced"]["codes_more_steps"] > 1000
 
     # An activation Q/DQ pair left out of the graph (the layer reads float): that quantizer is missing.
