@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,10 +57,10 @@ def activation_quantizers(model) -> dict[str, list[dict]]:
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] in inits:
             continue  # a weight's Q (none after encode_weights) is not an activation
-        name = _module_of(node)
-        # ".../to_q/input_quantizer/QuantizeLinear" -> "<layer>.input_quantizer"
-        if name is None or not name.endswith(("input_quantizer", "output_quantizer")):
-            name = name or node.name
+        # ".../to_q/input_quantizer/QuantizeLinear" -> "<layer>.input_quantizer"; the node may keep
+        # the exporter's name of another op (".../TRT_FP8QuantizeLinear", rewritten to a standard Q).
+        scope = SimpleNamespace(name=node.name.rsplit("/", 1)[0] + "/QuantizeLinear", op_type="QuantizeLinear")
+        name = _module_of(scope) or node.name
         scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
         zp = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits
               else np.zeros((), np.uint8))
@@ -221,8 +222,11 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
         "codes_more_steps": counts["more"],
         "one_step_fraction": fraction,
         "worst_quantizers": [{"quantizer": n, "codes_off": k} for n, k in worst if k],
-        "missing": sorted(missing),
-        "unmatched": unmatched,
+        # Names of the first few (a systematic mismatch would list every quantizer).
+        "missing": sorted(missing)[:10],
+        "missing_count": len(missing),
+        "unmatched": unmatched[:10],
+        "unmatched_count": len(unmatched),
         "instrumented_vs_served_max_abs": max(drift) if drift else None,
         "passed": bool(max(forced) <= MAX_FORCED_REL_L2 and counts["more"] == 0
                        and fraction <= MAX_ONE_STEP_FRACTION and not missing and not unmatched),

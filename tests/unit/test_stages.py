@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from adm_export.calibration.cache import load_cache
 from adm_export.calibration.latents import select_indices
@@ -204,3 +204,28 @@ def test_tensorrt_rtx_plan_when_installed(tiny_build):
     assert trt["layer_precisions"].get("int8", 0) > 0
     layers = json.loads((out / "engines" / "tensorrt-rtx" / "layers.json").read_text())
     assert layers
+
+
+def test_teacher_forced_parity_finds_each_activation_quantizer():
+    """Q nodes map to their torch quantizers: INT8/UINT8 read as codes (the Q stays fusable), FP8 through
+    its DequantizeLinear, also under the exporter's name of the op it replaced (``TRT_FP8QuantizeLinear``)."""
+    from onnx import TensorProto
+
+    from adm_export.export.parity import activation_quantizers
+
+    f8 = helper.make_tensor("zf", TensorProto.FLOAT8E4M3FN, [], [0.0])
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zu"], ["xq"], name="/unet/conv_in/input_quantizer/QuantizeLinear"),
+         helper.make_node("DequantizeLinear", ["xq", "s", "zu"], ["xd"], name="/unet/conv_in/input_quantizer/DequantizeLinear"),
+         helper.make_node("QuantizeLinear", ["xd", "s", "zf"], ["yq"],
+                          name="/unet/down_blocks.0/resnets.0/conv1/input_quantizer/TRT_FP8QuantizeLinear"),
+         helper.make_node("DequantizeLinear", ["yq", "s", "zf"], ["y"], name="dq")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zu"),
+         f8])
+    found = activation_quantizers(helper.make_model(graph))
+    assert set(found) == {"conv_in.input_quantizer", "down_blocks.0.resnets.0.conv1.input_quantizer"}
+    int8, fp8 = found["conv_in.input_quantizer"][0], found["down_blocks.0.resnets.0.conv1.input_quantizer"][0]
+    assert int8["tensor"] == "xq" and not int8["dequantized"] and int8["zero_point"] == 128
+    assert fp8["tensor"] == "y" and fp8["dequantized"]
