@@ -471,7 +471,9 @@ def _summary(report: dict) -> None:
     if parity.get("onnx_vs_torch_rel_l2") is not None:
         click.echo(f"parity ONNX Runtime vs torch: {parity['onnx_vs_torch_mean_rel_l2']:.2e} mean "
                    f"(rounding floor {parity['rounding_floor_mean_rel_l2']:.2e}); quantization error "
-                   f"{parity['quant_error_mean_rel_l2']:.2e}")
+                   f"{parity['quant_error_mean_rel_l2']:.2e}"
+                   + (f"; stage by stage {parity['teacher_forced_rel_l2']:.2e}"
+                      if parity.get("teacher_forced_rel_l2") is not None else ""))
     for name, stage in report["stages"].items():
         click.echo(f"  {name:<12} {stage['seconds']:7.1f} s")
     engine = report.get("engine") or {}
@@ -534,7 +536,9 @@ def export_cmd(quantized, calibration, out, force, device, **values):
     s, p = result.manifest["sizes"], result.manifest["parity"]
     click.echo(f"unet.onnx: {s['unet_export_bytes'] / 1e6:.2f} MB ({100 * s['reduction_vs_fp32']:.1f}% of FP32); "
                f"parity {p['onnx_vs_torch_mean']:.2e} (floor {p['rounding_floor_mean']:.2e}, quantization error "
-               f"{p['quant_error_mean']:.2e}) {'ok' if p['passed'] else 'FAILED'} -> {out}")
+               f"{p['quant_error_mean']:.2e}"
+               + (f"; stage by stage {p['teacher_forced']['forced_max']:.2e}" if p.get("teacher_forced") else "")
+               + f") {'ok' if p['passed'] else 'FAILED'} -> {out}")
 
 
 @cli.command("export-baseline")

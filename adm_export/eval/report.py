@@ -55,6 +55,10 @@ def make_report(model: dict, precision: str, device: str, timings: dict, onnx_ma
             "rounding_floor_mean_rel_l2": parity.get("rounding_floor_mean"),
             "quant_error_rel_l2": parity.get("quant_error_max"),
             "quant_error_mean_rel_l2": parity.get("quant_error_mean"),
+            # The verdict's measure (export.parity): torch fed ONNX Runtime's codes at every quantizer.
+            "teacher_forced_rel_l2": (parity.get("teacher_forced") or {}).get("forced_max"),
+            "codes_one_step_fraction": (parity.get("teacher_forced") or {}).get("one_step_fraction"),
+            "codes_more_steps": (parity.get("teacher_forced") or {}).get("codes_more_steps"),
             "passed": parity.get("passed"),
         },
         "engine": {
@@ -316,6 +320,10 @@ def render_markdown(report: dict) -> str:
             f"(mean {_fmt(parity['rounding_floor_mean_rel_l2'], '.2e')})",
             f"- quantization error (fake-quant vs full precision): {_fmt(parity['quant_error_rel_l2'], '.2e')} "
             f"(mean {_fmt(parity['quant_error_mean_rel_l2'], '.2e')})",
+            *([f"- stage by stage (torch fed ONNX Runtime's codes at every quantizer; the verdict): output "
+               f"{_fmt(parity['teacher_forced_rel_l2'], '.2e')}, codes one step apart "
+               f"{_fmt(parity.get('codes_one_step_fraction'), '.1e')} of all, more than one step "
+               f"{parity.get('codes_more_steps')}"] if parity.get("teacher_forced_rel_l2") is not None else []),
             f"- parity check: {'passed' if parity['passed'] else 'FAILED' if parity['passed'] is False else '–'}",
             "",
         ]

@@ -30,7 +30,7 @@ def _session(model_or_path, optimized=None):
 
 
 # -- the choice (data in formats/capabilities.py) --------------------------------------------------
-def test_each_target_has_a_placement_and_a_reason():
+def test_each_target_has_a_placement_and_a_reason(monkeypatch):
     assert set(TARGET_PLACEMENT) == set(Target) and set(PLACEMENTS) == set(Placement)
     assert placement_for("onnxruntime-cpu")["value"] == "onnxruntime"
     for target in ("tensorrt", "tensorrt-rtx", "onnxruntime-cuda"):
@@ -43,12 +43,17 @@ def test_each_target_has_a_placement_and_a_reason():
                       "reason": "given with --placement (--target onnxruntime-cpu would use onnxruntime)"}
     with pytest.raises(InvalidInputError, match="--placement 'qnn'"):
         placement_for("tensorrt", "qnn")
-    # A family whose export misses parity in the target's placement keeps another one (data, with why).
-    from adm_export.formats.capabilities import FAMILY_PLACEMENT
+    # Every family gets its target's placement: Make-An-Audio too (its CPU export passes parity in the
+    # onnxruntime placement, test_families); a family entry (data, with why) would override it.
+    from adm_export.formats import capabilities
 
-    assert ("make_an_audio", Target.ORT_CPU) in FAMILY_PLACEMENT
+    assert capabilities.FAMILY_PLACEMENT == {}
+    for family in ("make_an_audio", "audioldm", "tango"):
+        assert placement_for("onnxruntime-cpu", family=family)["value"] == "onnxruntime"
+    monkeypatch.setitem(capabilities.FAMILY_PLACEMENT, ("make_an_audio", Target.ORT_CPU),
+                        (Placement.TENSORRT, "an example reason"))
     maa = placement_for("onnxruntime-cpu", family="make_an_audio")
-    assert maa["value"] == "tensorrt" and "make_an_audio family" in maa["reason"] and "parity" in maa["reason"]
+    assert maa["value"] == "tensorrt" and maa["reason"].endswith("make_an_audio family: an example reason")
     assert placement_for("onnxruntime-cpu", family="audioldm")["value"] == "onnxruntime"
     assert placement_for("onnxruntime-cpu", "onnxruntime", family="make_an_audio")["value"] == "onnxruntime"
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from adm_export.calibration.cache import load_cache
 from adm_export.calibration.latents import select_indices
@@ -77,6 +77,7 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     from adm_export.calibration.cache import load_cache, parity_points
     from adm_export.engines.onnxruntime import make_session
     from adm_export.export.onnx import check_parity
+    from adm_export.export.onnx_graph import _module_of
     from adm_export.quantize.modelopt import load_quantized
 
     out, _, _ = tiny_build
@@ -98,6 +99,35 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     assert good["passed"] is True
     assert broken["passed"] is False
     assert broken["onnx_vs_torch_mean"] > 5 * good["onnx_vs_torch_mean"]
+
+    # The teacher-forced verdict (the export stage's): torch fed ONNX Runtime's codes at every
+    # activation quantizer matches it to float rounding, codes at most one step apart and rarely;
+    # the wrong scale moves the next quantizers' codes by many steps.
+    good = check_parity(tiny_adapter, quantized, make_session(out / "onnx" / "unet.onnx"), points,
+                        out / "onnx" / "unet.onnx")
+    broken = check_parity(tiny_adapter, quantized, make_session(bad), points, bad)
+    forced = good["teacher_forced"]
+    assert good["passed"] is True and forced["passed"] is True
+    assert forced["forced_max"] < 1e-5 and forced["codes_more_steps"] == 0
+    assert forced["codes_one_step"] < 1e-3 * forced["codes"] and forced["quantizers"] > 50
+    assert forced["missing"] == [] and forced["unmatched"] == []
+    assert forced["instrumented_vs_served_max_abs"] < 1e-5  # the extra outputs change nothing (measured: 0.0)
+    assert broken["passed"] is False and broken["teacher_forced"]["codes_more_steps"] > 1000
+
+    # An activation Q/DQ pair left out of the graph (the layer reads float): that quantizer is missing.
+    model = onnx.load(str(out / "onnx" / "unet.onnx"))
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and "input_quantizer" in n.name)
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+    for n in model.graph.node:
+        n.input[:] = [q.input[0] if i == dq.output[0] else i for i in n.input]
+    model.graph.node.remove(q)
+    model.graph.node.remove(dq)
+    skipped = tmp_path / "skipped.onnx"
+    onnx.save(model, str(skipped))
+    result = check_parity(tiny_adapter, quantized, make_session(skipped), points, skipped)
+    assert result["passed"] is False
+    assert result["teacher_forced"]["missing"] == [_module_of(q)]
+    assert _module_of(q).endswith(".input_quantizer")
 
 
 def test_weight_folding_matches_onnx_quantize_semantics():
@@ -174,3 +204,28 @@ def test_tensorrt_rtx_plan_when_installed(tiny_build):
     assert trt["layer_precisions"].get("int8", 0) > 0
     layers = json.loads((out / "engines" / "tensorrt-rtx" / "layers.json").read_text())
     assert layers
+
+
+def test_teacher_forced_parity_finds_each_activation_quantizer():
+    """Q nodes map to their torch quantizers: INT8/UINT8 read as codes (the Q stays fusable), FP8 through
+    its DequantizeLinear, also under the exporter's name of the op it replaced (``TRT_FP8QuantizeLinear``)."""
+    from onnx import TensorProto
+
+    from adm_export.export.parity import activation_quantizers
+
+    f8 = helper.make_tensor("zf", TensorProto.FLOAT8E4M3FN, [], [0.0])
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "zu"], ["xq"], name="/unet/conv_in/input_quantizer/QuantizeLinear"),
+         helper.make_node("DequantizeLinear", ["xq", "s", "zu"], ["xd"], name="/unet/conv_in/input_quantizer/DequantizeLinear"),
+         helper.make_node("QuantizeLinear", ["xd", "s", "zf"], ["yq"],
+                          name="/unet/down_blocks.0/resnets.0/conv1/input_quantizer/TRT_FP8QuantizeLinear"),
+         helper.make_node("DequantizeLinear", ["yq", "s", "zf"], ["y"], name="dq")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(np.array(0.1, np.float32), "s"), numpy_helper.from_array(np.array(128, np.uint8), "zu"),
+         f8])
+    found = activation_quantizers(helper.make_model(graph))
+    assert set(found) == {"conv_in.input_quantizer", "down_blocks.0.resnets.0.conv1.input_quantizer"}
+    int8, fp8 = found["conv_in.input_quantizer"][0], found["down_blocks.0.resnets.0.conv1.input_quantizer"][0]
+    assert int8["tensor"] == "xq" and not int8["dequantized"] and int8["zero_point"] == 128
+    assert fp8["tensor"] == "y" and fp8["dequantized"]
