@@ -137,7 +137,7 @@ def test_runtime_matches_the_pipeline_served_by_the_same_int8_engine(tiny_bundle
     One step, on the same text embeddings: the U-Net sees bit-identical inputs on both sides. With
     more steps the samplers' 1e-7 rounding differences (numpy vs torch) reach the engine's activation
     quantizers, and one code flipped at a rounding boundary cascades through the later quantizers
-    (export/parity.py measured 1 -> 4 -> 34 -> 342 codes) up to the size of the quantization error:
+    (1 -> 4 -> 34 -> 342 codes, measured while diagnosing export/parity.py) up to the quantization error:
     a coin toss that failed on CI's machine. The multi-step sampler is compared in FP32 above.
     """
     from adm_export.engines.stage import load_ort_denoiser
