@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def onnx_file_bytes(path: Path) -> int:
 
 
 def parity_session(path):
-    """A CPU session for parity that computes what the file says (``path``: a file, or a serialized model).
+    """A CPU session for parity that computes what the file says (``path``: a file or an ``onnx.ModelProto``).
 
     ONNX Runtime fuses blocked-INT4 DequantizeLinear -> MatMul into MatMulNBits and by default
     (accuracy level 4) quantizes that MatMul's activations to INT8 per block at run time: an
@@ -139,8 +140,14 @@ def parity_session(path):
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+    if not isinstance(path, (str, Path)):  # a ModelProto (export.parity's instrumented graph)
+        if path.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            return ort.InferenceSession(path.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"])
+        with tempfile.TemporaryDirectory() as tmp:  # over protobuf's 2 GB: through a file with external data
+            save_onnx(path, Path(tmp) / "instrumented.onnx")
+            return ort.InferenceSession(str(Path(tmp) / "instrumented.onnx"), sess_options=so,
+                                        providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def check_parity(adapter, model, session, points: list[dict], path=None) -> dict:
@@ -196,7 +203,8 @@ def check_parity(adapter, model, session, points: list[dict], path=None) -> dict
     if path is not None:
         from adm_export.export.parity import teacher_forced_parity
 
-        forced = teacher_forced_parity(adapter, model, path, points, parity_session, served)
+        forced = teacher_forced_parity(adapter, model, path, points, parity_session, classic_attention,
+                                       served)
     end_to_end = mean(gap) <= 2 * mean(floor) + 1e-4
     return {
         "onnx_vs_torch_rel_l2": gap,

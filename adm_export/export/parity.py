@@ -23,8 +23,6 @@ chaotic the network is.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -105,19 +103,7 @@ def _steps(torch_values: np.ndarray, ort_values: np.ndarray, entry: dict) -> np.
     return diff / (spacing * np.where(scale == 0, 1, scale))
 
 
-def _session(model, session_factory):
-    """A session of ``model`` (a ModelProto); written with external data when too big for one message."""
-    from adm_export.export.onnx import EXTERNAL_DATA_THRESHOLD, save_onnx
-
-    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        return session_factory(model.SerializeToString())
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "instrumented.onnx"
-        save_onnx(model, path)
-        return session_factory(path)
-
-
-def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session_factory,
+def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session_factory, attention,
                           served: list | None = None) -> dict[str, Any]:
     """Check an exported graph against the torch fake-quant model quantizer by quantizer.
 
@@ -126,8 +112,11 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
         model: The torch fake-quant denoiser (ModelOpt quantizers).
         onnx_path: The exported ONNX file.
         points: Parity inputs (named tensors).
-        session_factory: ``path or serialized model -> onnxruntime.InferenceSession`` (the parity
-            session's options).
+        session_factory: ``onnx.ModelProto -> onnxruntime.InferenceSession`` with the parity
+            session's options (:func:`adm_export.export.onnx.parity_session`; passed in, as is
+            ``attention``, because that module calls this one).
+        attention: ``attention(model)`` -> the context the export traced the model's attention in
+            (:func:`adm_export.export.onnx.classic_attention`).
         served: The plain session's outputs on ``points`` (tensors), when known: the instrumented
             session is compared with them (the extra outputs must not change what ONNX Runtime
             computes; measured: bit-identical on the tiny U-Nets).
@@ -144,7 +133,6 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
     from onnx import helper
 
     from adm_export.engines.onnxruntime import OrtRunner
-    from adm_export.export.onnx import classic_attention
     from adm_export.numerics import rel_l2, run_denoiser
 
     graph = onnx.load(str(onnx_path))
@@ -155,7 +143,7 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
             if e["tensor"] not in outputs:
                 graph.graph.output.append(helper.ValueInfoProto(name=e["tensor"]))
                 outputs.add(e["tensor"])
-    session = _session(graph, session_factory)
+    session = session_factory(graph)
     del graph
     runner = OrtRunner(session)
     names = [o.name for o in session.get_outputs()]
@@ -201,7 +189,7 @@ def teacher_forced_parity(adapter, model, onnx_path, points: list[dict], session
         hooks = [m.register_forward_hook(lambda m, i, o, n=n: force(m, i, o, n)) for n, m in modules.items()]
         hooks += [m.register_forward_hook(lambda m, i, o, n=n: seen(m, i, o, n)) for n, m in others.items()]
         try:
-            with classic_attention(model):
+            with attention(model):
                 torch_out = run_denoiser(adapter, model, p)
         finally:
             for h in hooks:
