@@ -15,6 +15,7 @@ from diffusers.pipelines.pipeline_utils import AudioPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from adm_export.models.conditioning import DEFAULT_TEXT_LEN, pad_tokens
+from adm_export.models.sampling import sample_with_guidance
 
 
 class TangoPipeline(DiffusionPipeline):
@@ -84,17 +85,10 @@ class TangoPipeline(DiffusionPipeline):
                  self.vocoder.config.model_in_dim // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=states.dtype)
-        latents = latents.to(self.device) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x = torch.cat([latents] * 2) if guidance else latents
-            x = self.scheduler.scale_model_input(x, t)
-            noise = self.unet(x, t, encoder_hidden_states=states, encoder_attention_mask=mask,
-                              return_dict=False)[0]
-            if guidance:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise, t, latents, generator=generator).prev_sample
+        latents = sample_with_guidance(
+            self, latents, num_inference_steps, guidance_scale,
+            lambda x, t: self.unet(x, t, encoder_hidden_states=states, encoder_attention_mask=mask,
+                                   return_dict=False)[0], generator)
         if output_type == "latent":
             return AudioPipelineOutput(audios=latents)
         mel = self.vae.decode(latents / self.vae.config.scaling_factor).sample

@@ -8,6 +8,7 @@ from diffusers.pipelines.pipeline_utils import AudioPipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from adm_export.models.make_an_audio.config import FRAME_MULTIPLE, HOP_LENGTH, MEL_BINS, SAMPLING_RATE, TEXT_LEN
+from adm_export.models.sampling import sample_with_guidance
 
 
 class MakeAnAudioPipeline(DiffusionPipeline):
@@ -63,17 +64,9 @@ class MakeAnAudioPipeline(DiffusionPipeline):
                  self.latent_frames(audio_length_in_s))
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=context.dtype)
-        latents = latents.to(self.device) * self.scheduler.init_noise_sigma
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for t in self.progress_bar(self.scheduler.timesteps):
-            x = torch.cat([latents] * 2) if guidance else latents
-            x = self.scheduler.scale_model_input(x, t)
-            tt = t.reshape(1).expand(x.shape[0]).to(self.device)
-            noise = self.unet(x, tt, context=context)
-            if guidance:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents = self.scheduler.step(noise, t, latents, generator=generator).prev_sample
+        latents = sample_with_guidance(
+            self, latents, num_inference_steps, guidance_scale,
+            lambda x, t: self.unet(x, t.reshape(1).expand(x.shape[0]).to(self.device), context=context), generator)
         if output_type == "latent":
             return AudioPipelineOutput(audios=latents)
         mel = self.vae.decode(latents / self.vae.config.scaling_factor).sample  # (B, 1, mel, T)
