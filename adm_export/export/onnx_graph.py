@@ -246,7 +246,7 @@ def qdq_report(model) -> dict:
 
 
 # -- low-bit weight encoding (every format) ------------------------------------------------------
-def _module_of(node, scope_prefix: str | None = "unet") -> str | None:
+def module_of(node, scope_prefix: str | None = "unet") -> str | None:
     """Module path of a compute node named by the TorchScript exporter (``/unet/a.0/b/Conv``).
 
     ``scope_prefix`` is the wrapper attribute the exported module holds the denoiser under (the
@@ -320,7 +320,7 @@ def encode_weights(model, codecs: dict[str, dict], scope_prefix: str | None = "u
     for node in graph.node:
         if node.op_type not in COMPUTE_OPS:
             continue
-        layer = _module_of(node, scope_prefix)
+        layer = module_of(node, scope_prefix)
         if layer not in codecs:
             continue
         wname = node.input[1]

@@ -46,7 +46,7 @@ def activation_quantizers(model) -> dict[str, list[dict]]:
     """
     from onnx import numpy_helper
 
-    from adm_export.export.onnx_graph import _module_of, consumers
+    from adm_export.export.onnx_graph import consumers, module_of
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -58,7 +58,7 @@ def activation_quantizers(model) -> dict[str, list[dict]]:
         # ".../to_q/input_quantizer/QuantizeLinear" -> "<layer>.input_quantizer"; the node may keep
         # the exporter's name of another op (".../TRT_FP8QuantizeLinear", rewritten to a standard Q).
         scope = SimpleNamespace(name=node.name.rsplit("/", 1)[0] + "/QuantizeLinear", op_type="QuantizeLinear")
-        name = _module_of(scope) or node.name
+        name = module_of(scope) or node.name
         scale = numpy_helper.to_array(inits[node.input[1]]) if node.input[1] in inits else None
         zp = (numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits
               else np.zeros((), np.uint8))

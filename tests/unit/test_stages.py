@@ -77,7 +77,7 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     from adm_export.calibration.cache import load_cache, parity_points
     from adm_export.engines.onnxruntime import make_session
     from adm_export.export.onnx import check_parity
-    from adm_export.export.onnx_graph import _module_of
+    from adm_export.export.onnx_graph import module_of
     from adm_export.quantize.modelopt import load_quantized
 
     out, _, _ = tiny_build
@@ -126,8 +126,8 @@ def test_parity_check_catches_a_wrong_scale(tiny_adapter, tiny_build, tmp_path):
     onnx.save(model, str(skipped))
     result = check_parity(tiny_adapter, quantized, make_session(skipped), points, skipped)
     assert result["passed"] is False
-    assert result["teacher_forced"]["missing"] == [_module_of(q)]
-    assert _module_of(q).endswith(".input_quantizer")
+    assert result["teacher_forced"]["missing"] == [module_of(q)]
+    assert module_of(q).endswith(".input_quantizer")
 
 
 def test_weight_folding_matches_onnx_quantize_semantics():
