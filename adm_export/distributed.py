@@ -41,6 +41,7 @@ after writing its ``K``-th shard, as a killed process would.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -147,6 +148,7 @@ def init() -> bool:
         backend = "nccl"
         dist.init_process_group(backend=backend, timeout=timeout)
     _isolate_modelopt()
+    atexit.register(shutdown)
     if not is_main():
         from adm_export.progress import set_progress
 
@@ -154,6 +156,22 @@ def init() -> bool:
         set_progress(False)
     logger.info("torch.distributed: %d processes (%s)", world_size(), backend)
     return True
+
+
+def shutdown() -> None:
+    """Destroy the process group (idempotent; registered at exit by :func:`init`).
+
+    Why: a process group left to the interpreter's teardown is destroyed with its gloo/store
+    threads still joinable, and the C++ runtime aborts the process ("terminate called without an
+    active exception", SIGABRT). Seen here after a finished two-process build: every stage had
+    succeeded, yet torchrun reported rank 1 failed (exit -6). No barrier first: at a normal exit
+    the ranks have passed the stage's last one, and after a crash a barrier would hang.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a peer that is gone already: nothing left to close
+            dist.destroy_process_group()
 
 
 def _isolate_modelopt() -> None:

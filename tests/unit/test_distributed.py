@@ -124,6 +124,7 @@ def _worker(rank: int, world: int, port: int, root: str, full: bool, fail: str) 
         with open(os.path.join(root, "result.pkl"), "wb") as f:
             pickle.dump(out, f)
     dist.barrier()
+    dist.shutdown()  # spawn's children leave through os._exit: init's atexit hook does not run there
 
 
 def _spawn(root, full: bool, fail: str = "") -> None:
