@@ -37,6 +37,12 @@ DEVICE = "cpu" if DRY_RUN else "cuda"
 DRY_BUILD = ["--num-prompts", 2, "--steps", 2, "--points", 2, "--num-clips", 2, "--eval-steps", 2] if DRY_RUN else []
 
 
+#: ``pytestmark`` of a module whose every test needs CUDA itself (device tensors, CUDA graphs, the
+#: CUDA provider's options): outside the dry run the collection hook below already skips the whole
+#: suite without a GPU; this also keeps such a module out of the CPU dry run.
+CUDA_ONLY = pytest.mark.skipif(DRY_RUN, reason="dry run on the CPU: this module is CUDA-only")
+
+
 def cuda_only(what: str) -> None:
     """Skip the rest of a test in the CPU dry run (a CUDA-only option or check)."""
     if DRY_RUN:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.gpu.conftest import CUDA_ONLY
+
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
-    reason="needs a CUDA GPU and onnxruntime-gpu",
-)
+pytestmark = CUDA_ONLY
 
 
 def _rel(a, b) -> float:

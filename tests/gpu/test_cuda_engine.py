@@ -24,15 +24,12 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+from tests.gpu.conftest import CUDA_ONLY
+from tests.helpers import one_error_line, run
+
 ort = pytest.importorskip("onnxruntime")
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
-    reason="needs a CUDA GPU and onnxruntime-gpu",
-)
-
-from tests.helpers import one_error_line, run  # noqa: E402
+pytestmark = CUDA_ONLY
 
 SECONDS = 1.28
 FAMILIES = ["tiny-audioldm", "tiny-audioldm2", "tiny-tango", "tiny-make-an-audio", "reference-audioldm"]

@@ -14,13 +14,9 @@ import time
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
+from tests.gpu.conftest import CUDA_ONLY
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
-    reason="needs a CUDA GPU and onnxruntime-gpu",
-)
+pytestmark = CUDA_ONLY
 
 
 @pytest.fixture(scope="module")

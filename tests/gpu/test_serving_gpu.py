@@ -10,13 +10,11 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-ort = pytest.importorskip("onnxruntime")
+from tests.gpu.conftest import CUDA_ONLY
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers(),
-    reason="needs a CUDA GPU and onnxruntime-gpu",
-)
+torch = pytest.importorskip("torch")
+
+pytestmark = CUDA_ONLY
 
 SECONDS = 1.28
 
